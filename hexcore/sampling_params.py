@@ -1,0 +1,72 @@
+"""What a request asks of the sampler. Validated on construction: a bad value is a ValueError that
+names the offending parameter (`err.param`), so the HTTP layer can answer 400 with it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class InvalidParameter(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives per sampled token (0: only the sampled one)
+    prompt_logprobs: int | None = None  # same, for every prompt token (echo + logprobs scoring)
+    skip_special_tokens: bool = True
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        checks = [
+            ("n", self.n >= 1, "n must be at least 1"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
+            ("min_tokens", self.min_tokens >= 0, "min_tokens must be non-negative"),
+            ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             "min_tokens must not exceed max_tokens"),
+            ("temperature", 0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            ("top_k", self.top_k >= -1, "top_k must be -1 (disabled) or a non-negative integer"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "repetition_penalty must be positive"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             "prompt_logprobs must be in [0, 20]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            ("stop", len(self.stop) <= 16, "at most 16 stop strings"),
+        ]
+        for param, ok, message in checks:
+            if not ok:
+                raise InvalidParameter(param, message)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def num_top_logprobs(self) -> int:
+        return self.logprobs or 0
