@@ -1,0 +1,113 @@
+"""Attention over a paged KV cache for a flattened batch of sequences.
+
+A step's tokens from all its sequences are concatenated into one [T, ...] batch. Sequences with a
+single new token (decodes) attend together in one padded call; sequences with several new tokens
+(prompt chunks) attend one by one with a causal mask offset by the context they already have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    token_start: int  # the chunk's new tokens are batch rows [token_start, token_start + num_new)
+    num_new: int
+    context_len: int  # tokens in the cache after this step, the new ones included
+    block_table: torch.Tensor  # [num_blocks_of_seq]
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T]: cache slot of each new token
+    decode_rows: torch.Tensor  # [Bd]: batch rows of the single-token sequences
+    decode_block_tables: torch.Tensor  # [Bd, max_blocks], padded with block 0
+    decode_mask: torch.Tensor  # [Bd, 1, 1, max_blocks * block_size]: True where a key exists
+    prefills: tuple[PrefillChunk, ...]
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device,
+    ) -> "AttentionMetadata":
+        slots, decode_rows, decode_tables, decode_lens, prefills = [], [], [], [], []
+        row = 0
+        for num_new, context_len, table in zip(query_lens, context_lens, block_tables):
+            positions = range(context_len - num_new, context_len)
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in positions)
+            if num_new == 1:
+                decode_rows.append(row)
+                decode_tables.append(table)
+                decode_lens.append(context_len)
+            else:
+                chunk_table = torch.tensor(table, dtype=torch.long, device=device)
+                prefills.append(PrefillChunk(row, num_new, context_len, chunk_table))
+            row += num_new
+        max_blocks = max((len(t) for t in decode_tables), default=0)
+        padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
+        key_positions = torch.arange(max_blocks * block_size, device=device)
+        lens = torch.tensor(decode_lens, dtype=torch.long, device=device)
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
+            decode_block_tables=torch.tensor(padded, dtype=torch.long, device=device).view(len(padded), max_blocks),
+            decode_mask=(key_positions[None, :] < lens[:, None])[:, None, None, :],
+            prefills=tuple(prefills),
+        )
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hkv, D] new keys
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, H, D]
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    if meta.decode_rows.numel():
+        num_seqs = meta.decode_rows.numel()
+        # [Bd, max_blocks, block_size, Hkv, D] -> [Bd, Hkv, L, D]
+        keys = k_cache[meta.decode_block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+        values = v_cache[meta.decode_block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+        queries = q[meta.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
+        attended = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )
+        out[meta.decode_rows] = attended.squeeze(2)
+    for chunk in meta.prefills:
+        rows = slice(chunk.token_start, chunk.token_start + chunk.num_new)
+        queries = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if chunk.context_len == chunk.num_new:  # nothing cached before: attend to the new tokens only
+            keys, values = k[rows], v[rows]
+            mask, is_causal = None, True
+        else:
+            keys = k_cache[chunk.block_table].view(-1, num_kv_heads, head_dim)[: chunk.context_len]
+            values = v_cache[chunk.block_table].view(-1, num_kv_heads, head_dim)[: chunk.context_len]
+            offset = chunk.context_len - chunk.num_new
+            query_pos = torch.arange(chunk.num_new, device=q.device)[:, None] + offset
+            mask = torch.arange(chunk.context_len, device=q.device)[None, :] <= query_pos
+            is_causal = False
+        attended = F.scaled_dot_product_attention(
+            queries,
+            keys.transpose(0, 1).unsqueeze(0),
+            values.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[rows] = attended.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,221 @@
+"""The Llama-family decoder (Llama-2/3, SmolLM2, Mistral without sliding window), one stage of it.
+
+A `LlamaStage` holds layers [first_layer, end_layer) of one tensor-parallel rank; the first stage also
+holds the embedding, the last one the final norm and LM head. The model knows its layer range, never
+its pipeline rank; the tensor-parallel layers carry their own process group.
+
+Shapes: T = tokens in the step (all sequences concatenated), H/Hkv = this rank's query/KV heads,
+D = head dim, C = hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hexcore.attention import AttentionMetadata, paged_attention
+from hexcore.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
+from hexcore.parallel import TPGroup, shard_range
+from hexcore.weights import Checkpoint
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, config) -> "LlamaDims":
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model type {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        if getattr(config, "sliding_window", None):
+            raise ValueError("sliding-window attention is not supported")
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            raise ValueError("attention or MLP biases are not supported")
+        num_heads = config.num_attention_heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            vocab_size=config.vocab_size,
+            rms_norm_eps=config.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            max_position_embeddings=config.max_position_embeddings,
+        )
+
+
+def rope_tables(config, max_len: int, dtype: torch.dtype, device: torch.device):
+    """cos, sin: [max_len, D], the rotary tables for positions 0 .. max_len-1 (any static rope_scaling)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ValueError(f"rope type {rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})")
+    rotary = LlamaRotaryEmbedding(config)  # the reference inverse frequencies and attention scaling
+    freqs = torch.arange(max_len, dtype=torch.float)[:, None] * rotary.inv_freq.float()[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    scaling = rotary.attention_scaling
+    return (angles.cos() * scaling).to(device, dtype), (angles.sin() * scaling).to(device, dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, qkv: ColumnParallelLinear, o: RowParallelLinear, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.qkv, self.o = qkv, o
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+
+    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)  # [T, H*D], [T, Hkv*D] x2
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        return self.o(out.reshape(num_tokens, q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, gate_up: ColumnParallelLinear, down: RowParallelLinear):
+        super().__init__()
+        self.gate_up, self.down = gate_up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I/tp] each
+        return self.down(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, input_norm: RMSNorm, attention: LlamaAttention, post_norm: RMSNorm, mlp: LlamaMLP):
+        super().__init__()
+        self.input_norm, self.attention, self.post_norm, self.mlp = input_norm, attention, post_norm, mlp
+
+    def forward(self, x, cos, sin, kv_cache, meta) -> torch.Tensor:
+        x = x + self.attention(self.input_norm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_norm(x))
+
+
+class LlamaStage(nn.Module):
+    def __init__(self, dims: LlamaDims, first_layer: int, layers: list[LlamaDecoderLayer],
+                 embed: VocabParallelEmbedding | None, norm: RMSNorm | None,
+                 lm_head: VocabParallelLMHead | None, cos: torch.Tensor, sin: torch.Tensor):
+        super().__init__()
+        self.dims = dims
+        self.first_layer = first_layer
+        self.layers = nn.ModuleList(layers)
+        self.embed, self.norm, self.lm_head = embed, norm, lm_head
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @property
+    def end_layer(self) -> int:
+        return self.first_layer + len(self.layers)
+
+    @property
+    def has_embedding(self) -> bool:
+        return self.first_layer == 0
+
+    @property
+    def has_head(self) -> bool:
+        return self.end_layer == self.dims.num_layers
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """inputs: token ids [T] on the first stage, hidden states [T, C] elsewhere -> hidden [T, C].
+        kv_caches: [num_local_layers, 2, num_blocks, block_size, Hkv, D]."""
+        x = self.embed(inputs) if self.has_embedding else inputs
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return x
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, C] -> float32 logits [N, vocab] on the stage leader, None on other ranks."""
+        return self.lm_head(self.norm(hidden))
+
+
+def load_stage(checkpoint: Checkpoint, config, first_layer: int, num_layers: int, tp: TPGroup,
+               max_model_len: int) -> LlamaStage:
+    """Build this rank's shard of layers [first_layer, first_layer + num_layers), reading only its slices."""
+    dims = LlamaDims.from_hf(config)
+    heads = dims.num_heads // tp.size
+    kv_heads = dims.num_kv_heads // tp.size
+    q_rows = (tp.rank * heads * dims.head_dim, (tp.rank + 1) * heads * dims.head_dim)
+    kv_rows = (tp.rank * kv_heads * dims.head_dim, (tp.rank + 1) * kv_heads * dims.head_dim)
+    mlp_rows = shard_range(dims.intermediate_size, tp.rank, tp.size)
+
+    def norm(name: str) -> RMSNorm:
+        return RMSNorm(checkpoint.full(name), dims.rms_norm_eps)
+
+    layers = []
+    for index in range(first_layer, first_layer + num_layers):
+        p = f"model.layers.{index}."
+        qkv = torch.cat([checkpoint.rows(p + "self_attn.q_proj.weight", *q_rows),
+                         checkpoint.rows(p + "self_attn.k_proj.weight", *kv_rows),
+                         checkpoint.rows(p + "self_attn.v_proj.weight", *kv_rows)])
+        gate_up = torch.cat([checkpoint.rows(p + "mlp.gate_proj.weight", *mlp_rows),
+                             checkpoint.rows(p + "mlp.up_proj.weight", *mlp_rows)])
+        attention = LlamaAttention(ColumnParallelLinear(qkv),
+                                   RowParallelLinear(checkpoint.cols(p + "self_attn.o_proj.weight", *q_rows), tp),
+                                   heads, kv_heads, dims.head_dim)
+        mlp = LlamaMLP(ColumnParallelLinear(gate_up),
+                       RowParallelLinear(checkpoint.cols(p + "mlp.down_proj.weight", *mlp_rows), tp))
+        layers.append(LlamaDecoderLayer(norm(p + "input_layernorm.weight"), attention,
+                                        norm(p + "post_attention_layernorm.weight"), mlp))
+
+    vocab_shard = -(-dims.vocab_size // tp.size)  # ceil: every rank but the last holds this many rows
+    vocab_rows = (min(tp.rank * vocab_shard, dims.vocab_size), min((tp.rank + 1) * vocab_shard, dims.vocab_size))
+    embed_name = "model.embed_tokens.weight"
+    is_first, is_last = first_layer == 0, first_layer + num_layers == dims.num_layers
+    embed_rows = checkpoint.rows(embed_name, *vocab_rows) if is_first or (is_last and dims.tie_word_embeddings) else None
+    embed = VocabParallelEmbedding(embed_rows, vocab_rows[0], tp) if is_first else None
+    norm_out = lm_head = None
+    if is_last:
+        head_name = embed_name if dims.tie_word_embeddings or "lm_head.weight" not in checkpoint else "lm_head.weight"
+        head_rows = embed_rows if head_name == embed_name else checkpoint.rows(head_name, *vocab_rows)
+        norm_out = norm("model.norm.weight")
+        lm_head = VocabParallelLMHead(head_rows, dims.vocab_size, vocab_shard, tp)
+    cos, sin = rope_tables(config, max_model_len, checkpoint.dtype, checkpoint.device)
+    return LlamaStage(dims, first_layer, layers, embed, norm_out, lm_head, cos, sin)

@@ -1,0 +1,133 @@
+"""One replica at run time: its scheduler, its worker processes, and the micro-batches in flight
+through its pipeline. With S stages and M micro-batches in flight, stage j works on one micro-batch
+while stage j+1 works on the one before: every worker runs the steps it is sent in order, so the
+overlap needs no more coordination than keeping M steps submitted."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from hexcore.block_manager import BlockManager
+from hexcore.config import EngineSpec
+from hexcore.deployment import ReplicaPlan
+from hexcore.messages import PromptScoring, SeqSampling, StepBatch, StepResult
+from hexcore.outputs import TokenLogprob
+from hexcore.scheduler import ScheduledSeq, Scheduler
+from hexcore.sequence import Sequence
+from hexcore.workers import ReplicaWorkers
+
+
+@dataclass(frozen=True)
+class InFlightStep:
+    batch: StepBatch
+    scheduled: list[ScheduledSeq]
+    submitted_at: float
+
+
+@dataclass(frozen=True)
+class SeqResult:
+    seq: Sequence
+    token: TokenLogprob | None
+    prompt_logprobs: list[TokenLogprob] | None
+
+
+class Replica:
+    def __init__(self, plan: ReplicaPlan, engine: EngineSpec, eos_token_ids: tuple[int, ...]):
+        self.name = plan.name
+        self.plan = plan
+        self.block_manager = BlockManager(plan.num_kv_blocks, engine.block_size)
+        self.scheduler = Scheduler(self.block_manager, engine.max_num_seqs, engine.max_num_batched_tokens)
+        self.workers = ReplicaWorkers(plan.workers)
+        self.eos_token_ids = eos_token_ids
+        self.num_micro_batches = plan.num_micro_batches
+        self.in_flight: deque[InFlightStep] = deque()
+        self._next_step_id = 0
+        # metrics
+        self.num_steps = 0
+        self.step_seconds = 0.0  # summed submit-to-result latency of the steps
+        self.busy_seconds = 0.0  # wall time with at least one step in flight
+        self._busy_since = 0.0
+        self.num_prompt_tokens = 0  # computed prompt tokens (prefill work)
+        self.num_generated_tokens = 0
+        self.started_at = time.monotonic()
+
+    def start(self) -> None:
+        self.workers.start()
+        self.started_at = time.monotonic()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.in_flight) or self.scheduler.num_unfinished > 0
+
+    def fill_pipeline(self) -> None:
+        """Submit micro-batches until M are in flight or nothing more can be scheduled."""
+        while len(self.in_flight) < self.num_micro_batches:
+            num_active = self.scheduler.num_unfinished
+            max_seqs = max(1, -(-num_active // self.num_micro_batches))
+            scheduled = self.scheduler.schedule(max_seqs)
+            if not scheduled:
+                return
+            batch = self._build_batch(scheduled)
+            self.workers.submit(batch)
+            if not self.in_flight:
+                self._busy_since = time.monotonic()
+            self.in_flight.append(InFlightStep(batch, scheduled, time.monotonic()))
+
+    def complete(self, result: StepResult) -> list[SeqResult]:
+        step = self.in_flight.popleft()
+        assert step.batch.step_id == result.step_id, "steps complete in the order they were submitted"
+        now = time.monotonic()
+        self.num_steps += 1
+        self.step_seconds += now - step.submitted_at
+        if not self.in_flight:
+            self.busy_seconds += now - self._busy_since
+        results = []
+        for item, token, prompt_logprobs in zip(step.scheduled, result.tokens, result.prompt_logprobs):
+            seq = item.seq
+            seq.is_in_flight = False
+            if seq.is_finished:  # aborted while in flight: its blocks are already free
+                continue
+            seq.num_computed_tokens = item.end
+            if prompt_logprobs is not None:
+                seq.num_prompt_logprobs_done += len(prompt_logprobs)
+            self.num_prompt_tokens += max(0, min(item.end, seq.num_prompt_tokens) - item.start)
+            self.num_generated_tokens += token is not None
+            results.append(SeqResult(seq, token, prompt_logprobs))
+        return results
+
+    def _build_batch(self, scheduled: list[ScheduledSeq]) -> StepBatch:
+        token_ids, positions, sampling, scoring = [], [], [], []
+        for item in scheduled:
+            token_ids.extend(item.seq.token_ids(item.start, item.end))
+            positions.extend(range(item.start, item.end))
+            sampling.append(self._sampling(item.seq) if item.completes_known_tokens else None)
+            scoring.append(self._prompt_scoring(item))
+        step_id, self._next_step_id = self._next_step_id, self._next_step_id + 1
+        return StepBatch(step_id=step_id, token_ids=token_ids, positions=positions,
+                         query_lens=[item.num_new_tokens for item in scheduled],
+                         context_lens=[item.end for item in scheduled],
+                         block_tables=[list(item.seq.block_table) for item in scheduled],
+                         sampling=sampling, prompt_scoring=scoring)
+
+    def _sampling(self, seq: Sequence) -> SeqSampling:
+        params = seq.params
+        banned: tuple[int, ...] = ()
+        if seq.num_generated < params.min_tokens:
+            banned = params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
+        needs_outputs = params.has_penalties
+        return SeqSampling(params=params, seed=seq.seed, num_generated=seq.num_generated, banned_token_ids=banned,
+                           output_token_ids=tuple(seq.output_token_ids) if needs_outputs else (),
+                           prompt_token_ids=tuple(seq.prompt_token_ids) if params.repetition_penalty != 1.0 else ())
+
+    @staticmethod
+    def _prompt_scoring(item: ScheduledSeq) -> PromptScoring | None:
+        seq = item.seq
+        if not seq.wants_prompt_logprobs:
+            return None
+        first = max(item.start, seq.num_prompt_logprobs_done)  # the first position still to score from
+        last = min(item.end, seq.num_prompt_tokens - 1)  # positions [first, last) predict tokens first+1..last
+        if first >= last:
+            return None
+        return PromptScoring(first - item.start, seq.prompt_token_ids[first + 1 : last + 1], seq.params.prompt_logprobs)

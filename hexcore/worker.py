@@ -1,0 +1,95 @@
+"""The entry point of a worker process: one per device. It joins its replica's torch.distributed
+world, creates every stage's TP group (identically on all ranks), loads only its own shard, allocates
+its KV cache, reports ready, then runs the StepBatches the driver sends until told to stop."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig
+
+from hexcore.config import Device
+from hexcore.devices import check_available, torch_device
+from hexcore.kv_cache import allocate_kv_cache
+from hexcore.llama import load_stage
+from hexcore.messages import Shutdown, StatsRequest, StepBatch, WorkerFailed, WorkerReady, WorkerSpec
+from hexcore.parallel import TPGroup
+from hexcore.stage_runner import StageRunner
+from hexcore.weights import Checkpoint
+
+_STARTUP_TIMEOUT = timedelta(minutes=5)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the driver dies, so no worker is ever orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _build_runner(spec: WorkerSpec) -> StageRunner:
+    device = Device.parse(spec.device)
+    check_available(device)
+    torch.set_num_threads(spec.num_threads)
+    if device.is_cuda:
+        torch.cuda.set_device(device.index)
+    dist.init_process_group(spec.backend, init_method=spec.init_method, rank=spec.rank,
+                            world_size=spec.world_size, timeout=_STARTUP_TIMEOUT)
+    tp = None
+    for stage in spec.stages:  # every rank creates every group, in the same order
+        group = dist.new_group(list(stage.ranks)) if stage.tp > 1 else None
+        if spec.rank in stage.ranks:
+            tp = TPGroup(stage.ranks.index(spec.rank), stage.tp, group, stage.ranks)
+    stage_index = spec.stage_index
+    stage = spec.stages[stage_index]
+    config = AutoConfig.from_pretrained(spec.model_dir)
+    dtype = getattr(torch, spec.dtype)
+    target = torch_device(device)
+    checkpoint = Checkpoint(spec.model_dir, dtype, target)
+    model = load_stage(checkpoint, config, stage.first_layer, stage.num_layers, tp, spec.max_model_len)
+    checkpoint.close()
+    kv_heads = model.dims.num_kv_heads // tp.size
+    kv_caches = allocate_kv_cache(stage.num_layers, spec.num_kv_blocks, spec.block_size, kv_heads,
+                                  model.dims.head_dim, dtype, target)
+    return StageRunner(model, kv_caches, tp, spec.rank, stage_index, spec.stages, spec.block_size, target)
+
+
+def worker_main(spec: WorkerSpec, conn) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    started = time.perf_counter()
+    try:
+        runner = _build_runner(spec)
+        conn.send(WorkerReady(spec.rank, time.perf_counter() - started))
+        while True:
+            message = conn.recv()
+            if isinstance(message, StepBatch):
+                result = runner.run(message)
+                if result is not None:
+                    conn.send(result)
+            elif isinstance(message, StatsRequest):
+                conn.send(runner.stats())
+            elif isinstance(message, Shutdown):
+                break
+            else:
+                raise TypeError(f"unexpected message {type(message).__name__}")
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass  # the driver is gone or stopping
+    except BaseException as err:  # report, then exit: the driver decides what happens next
+        try:
+            conn.send(WorkerFailed(spec.label, f"{type(err).__name__}: {err}", traceback.format_exc()))
+        except (OSError, EOFError):
+            pass
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass

@@ -1,0 +1,110 @@
+"""The worker processes of one replica, as the driver sees them: spawn, wait until every one is
+ready (or say which one failed and why), broadcast steps, collect results, stop them all."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import time
+from multiprocessing.connection import Connection, wait
+
+from hexcore.engine_client import EngineDead
+from hexcore.messages import (Shutdown, StatsRequest, StepBatch, StepResult, WorkerFailed, WorkerReady,
+                              WorkerSpec, WorkerStats)
+from hexcore.worker import worker_main
+
+
+class WorkerStartupError(RuntimeError):
+    pass
+
+
+class ReplicaWorkers:
+    def __init__(self, specs: list[WorkerSpec]):
+        self.specs = specs
+        self.processes: list[mp.Process] = []
+        self.conns: list[Connection] = []
+        self.stats: dict[int, WorkerStats] = {}
+        self.load_seconds = 0.0
+
+    @property
+    def result_conn(self) -> Connection:
+        """The last stage's leader reports every step's result."""
+        last_stage_leader = self.specs[0].stages[-1].ranks[0]
+        return self.conns[last_stage_leader]
+
+    def start(self, timeout: float = 600.0) -> None:
+        context = mp.get_context("spawn")
+        for spec in self.specs:
+            parent, child = context.Pipe()
+            process = context.Process(target=worker_main, args=(spec, child), daemon=True,
+                                      name=f"hexgen-{spec.replica}-rank{spec.rank}")
+            process.start()
+            child.close()
+            self.processes.append(process)
+            self.conns.append(parent)
+        try:
+            self._wait_ready(time.monotonic() + timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _wait_ready(self, deadline: float) -> None:
+        pending = {conn: spec for conn, spec in zip(self.conns, self.specs)}
+        while pending:
+            ready = wait(list(pending), timeout=1.0)
+            for conn in ready:
+                spec = pending.pop(conn)
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    process = self.processes[spec.rank]
+                    process.join(timeout=5)
+                    raise WorkerStartupError(
+                        f"{spec.label} exited with code {process.exitcode} during startup") from None
+                if isinstance(message, WorkerFailed):
+                    raise WorkerStartupError(f"{message.label} failed during startup: {message.error}")
+                assert isinstance(message, WorkerReady), message
+                self.load_seconds = max(self.load_seconds, message.load_seconds)
+            if time.monotonic() > deadline:
+                labels = ", ".join(spec.label for spec in pending.values())
+                raise WorkerStartupError(f"timed out waiting for {labels} to start")
+
+    def submit(self, batch: StepBatch) -> None:
+        payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)  # once, for every worker
+        for conn in self.conns:
+            conn.send_bytes(payload)
+
+    def request_stats(self) -> None:
+        for conn in self.conns:
+            conn.send(StatsRequest())
+
+    def receive(self, conn: Connection) -> StepResult | None:
+        """Read one message from a worker; results are returned, stats are stored, failures raise."""
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            rank = self.conns.index(conn)
+            raise EngineDead(f"{self.specs[rank].label} died (exit code {self.processes[rank].exitcode})") from None
+        if isinstance(message, WorkerFailed):
+            raise EngineDead(f"{message.label} failed: {message.error}\n{message.traceback}")
+        if isinstance(message, WorkerStats):
+            self.stats[message.rank] = message
+            return None
+        return message
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(Shutdown())
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + timeout
+        for process in self.processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+        for conn in self.conns:
+            conn.close()
+        self.processes, self.conns = [], []
