@@ -1,0 +1,139 @@
+"""`hexgen serve`: load a deployment, start the HTTP server, then the engine in the background.
+
+Command-line values override the deployment file; without a file the model runs whole on one cpu.
+SIGINT/SIGTERM stop accepting connections, let in-flight requests finish (at most DRAIN_SECONDS),
+stop the engine's workers and exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import sys
+
+import uvicorn
+
+from hexcore.config import DeploymentConfig, load_config, parse_config, single_device_config
+from hexcore.model_files import default_model_name, resolve_model_dir
+
+DRAIN_SECONDS = 30
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve a deployment over an OpenAI-compatible HTTP API",
+        description="Serve a deployment over an OpenAI-compatible HTTP API (command-line values override --config).",
+    )
+    parser.add_argument("--config", help="deployment YAML file (default: the model whole on one cpu)")
+    parser.add_argument("--model", help="'default' (SmolLM2-135M-Instruct) or an HF model directory")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free port)")
+    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    parser.set_defaults(func=run)
+
+
+def num_model_layers(model: str) -> int:
+    config = json.loads((resolve_model_dir(model) / "config.json").read_text())
+    return int(config["num_hidden_layers"])
+
+
+def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
+    """The deployment file (or the single-device default) with the command-line overrides applied."""
+    if args.config:
+        config = load_config(args.config)
+    else:
+        model = args.model or "default"
+        config = single_device_config(model, num_layers=num_model_layers(model))
+    raw = config.model_dump()
+    if args.model is not None:
+        raw["model"] = args.model
+    for field, value in (("host", args.host), ("port", args.port), ("api_key", args.api_key)):
+        if value is not None:
+            raw["server"][field] = value
+    return parse_config(raw, source=args.config or "command line")
+
+
+def describe(config: DeploymentConfig) -> str:
+    """The deployment as start-up prints it: replicas, stages, TP degrees, layer ranges, devices."""
+    model_name = config.served_model_name or default_model_name(config.model)
+    lines = [f"model {model_name} ({config.model}, {config.dtype}); {len(config.replicas)} replica(s)"]
+    for name, replica in zip(config.replica_names, config.replicas):
+        lines.append(f"  replica {name}: {len(replica.stages)} stage(s), {replica.num_workers} worker(s)")
+        first = 0
+        for j, stage in enumerate(replica.stages):
+            last = first + stage.layers - 1
+            lines.append(
+                f"    stage {j}: TP {stage.tp}, layers {first}-{last} ({stage.layers}), devices {', '.join(stage.devices)}"
+            )
+            first = last + 1
+    return "\n".join(lines)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bound before the server starts, so port 0 resolves to a real port we can print."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    config = deployment_from_args(args)
+    configure_logging(args.log_level)
+    sock = bind_socket(config.server.host, config.server.port)
+    host, port = sock.getsockname()[:2]
+    print(describe(config), flush=True)
+    print(f"listening on http://{host}:{port} (OpenAI API at http://{host}:{port}/v1)", flush=True)
+    return asyncio.run(_serve(config, sock, args.log_level))
+
+
+async def _serve(config: DeploymentConfig, sock: socket.socket, log_level: str) -> int:
+    from sse_starlette.sse import AppStatus
+
+    from hexcore.async_engine import AsyncEngine
+    from server.router import build_app
+
+    AppStatus.disable_automatic_graceful_drain()  # let streams finish during the drain
+    engine = AsyncEngine(config)
+    failures: list[BaseException] = []
+
+    def on_start_failure(err: BaseException) -> None:
+        failures.append(err)
+        server.should_exit = True
+
+    app = build_app(engine, api_key=config.server.api_key, on_start_failure=on_start_failure)
+    server = _DrainingServer(uvicorn.Config(
+        app, log_level=log_level, access_log=False, timeout_graceful_shutdown=DRAIN_SECONDS, lifespan="on",
+    ))
+    await server.serve(sockets=[sock])
+    if failures:
+        print(f"hexgen serve: error: the engine failed to start: {failures[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _DrainingServer(uvicorn.Server):
+    """SIGINT/SIGTERM only end the serve loop: uvicorn re-raises the signal after its graceful shutdown,
+    which would end the process with a signal status instead of 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
