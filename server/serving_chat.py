@@ -37,9 +37,8 @@ class ChatServing(OpenAIServing):
         params = self.sampling_params(
             request, request.requested_max_tokens, (request.top_logprobs or 0) if request.logprobs else None
         )
-        self.check_length(prompt, params, "messages")
         response_id = random_id("chatcmpl")
-        generation = await self.open_generation(raw_request, response_id, [prompt], params, arrival_time)
+        generation = await self.open_generation(raw_request, response_id, [prompt], params, arrival_time, "messages")
         head = dict(id=response_id, created=unix_now(), model=self.engine.model_name)
         if request.stream:
             return event_stream(self._stream(request, generation, head), generation)

@@ -189,30 +189,19 @@ class OpenAIServing:
         except InvalidParameter as err:
             raise bad_request(str(err), err.param) from None
 
-    def check_length(self, prompt: list[int], params: SamplingParams, param: str) -> None:
-        max_model_len = self.engine.max_model_len
-        if not prompt:
-            raise bad_request("the prompt is empty", param)
-        if len(prompt) >= max_model_len:
-            raise bad_request(
-                f"the prompt is {len(prompt)} tokens but this model's maximum context length is {max_model_len} "
-                "tokens (prompt plus at least one generated token)", param,
-            )
-        if params.max_tokens is not None and len(prompt) + params.max_tokens > max_model_len:
-            raise bad_request(
-                f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds this model's "
-                f"maximum context length of {max_model_len} tokens", "max_tokens",
-            )
-
     async def open_generation(
         self, raw_request: Request, base_id: str, prompts: list[list[int]], params: SamplingParams,
-        arrival_time: float,
+        arrival_time: float, prompt_param: str = "prompt",
     ) -> Generation:
-        """Start the engine requests; the access log reads their token counts from the request state."""
+        """Start the engine requests (the engine rejects empty, too long or out-of-vocabulary prompts);
+        the access log reads their token counts from the request state."""
         try:
             generation = await Generation.open(self.engine, self.metrics, base_id, prompts, params, arrival_time)
         except Exception as err:
-            raise as_api_error(err) from None
+            error = as_api_error(err)
+            if error.param == "prompt":
+                error.param = prompt_param
+            raise error from None
         raw_request.state.generation = generation
         return generation
 
@@ -221,10 +210,12 @@ def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: b
     """The prompt text the model's chat template makes of `messages`; 400 when there is no template."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("this model has no chat template: use /v1/completions with a plain prompt", "messages")
-    conversation = [
-        {"role": "system" if message.role == "developer" else message.role, "content": message.text}
-        for message in messages
-    ]
+    conversation = []
+    for message in messages:
+        turn = {"role": "system" if message.role == "developer" else message.role, "content": message.text}
+        if message.name is not None:
+            turn["name"] = message.name
+        conversation.append(turn)
     try:
         return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as err:  # the template rejects the conversation (e.g. roles out of order)

@@ -84,8 +84,6 @@ class CompletionServing(OpenAIServing):
         params = self.sampling_params(
             request, request.max_tokens, request.logprobs, prompt_logprobs=request.logprobs if is_scoring else None
         )
-        for prompt in prompts:
-            self.check_length(prompt, params, "prompt")
         response_id = random_id("cmpl")
         generation = await self.open_generation(raw_request, response_id, prompts, params, arrival_time)
         choices = _Choices(self, request, texts, prompts)
@@ -106,10 +104,6 @@ class CompletionServing(OpenAIServing):
             prompt = [prompt]
         if isinstance(prompt[0], str):
             return list(prompt), [await self.encode(text) for text in prompt]
-        vocab_size = len(self.tokenizer)
-        for ids in prompt:
-            if any(not 0 <= token_id < vocab_size for token_id in ids):
-                raise bad_request(f"prompt token ids must be in [0, {vocab_size})", "prompt")
         return [None] * len(prompt), [list(ids) for ids in prompt]
 
     async def _collect(self, generation: Generation, choices: "_Choices") -> None:

@@ -101,6 +101,10 @@ class FakeEngine:
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         if len(self.running) >= self.max_num_requests:
             raise EngineOverloaded("the waiting queue is full", retry_after_seconds=2.0)
+        if not prompt_token_ids or any(not 0 <= t < len(self.tokenizer) for t in prompt_token_ids):
+            raise InvalidParameter("prompt", "the prompt is empty or holds unknown token ids")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidParameter("prompt", "the prompt leaves no room under max_model_len")
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         if len(prompt_token_ids) + max_tokens > self.max_model_len:
             raise InvalidParameter("max_tokens", "prompt plus max_tokens exceeds max_model_len")
