@@ -1,0 +1,230 @@
+"""`hexgen calibrate`: measure this machine as the planner sees a device and a link, and write a
+device spec file (planning/devices.py) that a cluster file can name under `gpus:` and `links:`.
+
+The device is one worker process at `--threads-per-worker` torch threads: its dense matmul
+throughput, its weight-scan memory bandwidth, its share of RAM, and the fixed per-layer overhead
+that the cost model's roofline leaves unexplained. The link is gloo between worker processes on
+this machine. Every other thread count and worker count measured is kept as a comment in the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from planning.calibrate_device import DTYPES, ComputeMeasurement, LayerBench, measure_compute
+from planning.calibrate_links import LinkMeasurement, measure_links
+from planning.cost_model import StageCost
+from planning.devices import DeviceFile, DeviceSpec, LinkSpec
+from planning.models import BUILTIN_MODELS, ModelSpec
+
+DEFAULT_OUTPUT = "configs/devices/local-cpu.yaml"
+MODEL_NAME = "smollm2-135m"  # the layer whose overhead is fitted: the default model's
+DECODE_CONTEXT_LEN = 128
+PREFILL_LEN = 128
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much to measure; `QUICK` keeps a run under ~10 s, `FULL` under ~60 s on 2 cores."""
+
+    matmul_size: int
+    scan_bytes: int
+    layer_flush_bytes: int
+    num_compute_reps: int
+    num_layer_reps: int
+    decode_batch_sizes: tuple[int, ...]
+    link_sizes: tuple[int, ...]
+    num_link_reps: int
+    link_worker_counts: tuple[int, ...]
+    is_every_thread_count: bool
+
+
+FULL = Budget(
+    matmul_size=1024,
+    scan_bytes=256 << 20,
+    layer_flush_bytes=128 << 20,
+    num_compute_reps=10,
+    num_layer_reps=30,
+    decode_batch_sizes=(1, 4, 16),
+    link_sizes=(4 << 10, 64 << 10, 1 << 20, 4 << 20, 8 << 20),
+    num_link_reps=30,
+    link_worker_counts=(2, 3),
+    is_every_thread_count=True,
+)
+QUICK = Budget(
+    matmul_size=512,
+    scan_bytes=32 << 20,
+    layer_flush_bytes=32 << 20,
+    num_compute_reps=3,
+    num_layer_reps=10,
+    decode_batch_sizes=(1,),
+    link_sizes=(4 << 10, 1 << 20, 4 << 20),
+    num_link_reps=10,
+    link_worker_counts=(2,),
+    is_every_thread_count=False,
+)
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """One measured layer configuration beside the cost model's roofline for it (no overhead)."""
+
+    label: str
+    measured_s: float
+    spread: float
+    roofline_s: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    dtype: str
+    num_threads: int  # per worker, the figures the device spec carries
+    memory_gb: float
+    compute: tuple[ComputeMeasurement, ...]  # one per thread count measured
+    layers: tuple[LayerCheck, ...]  # at `num_threads`; the first is decode at batch 1
+    links: tuple[LinkMeasurement, ...]  # one per worker count
+
+    @property
+    def device_compute(self) -> ComputeMeasurement:
+        return next(c for c in self.compute if c.num_threads == self.num_threads)
+
+    @property
+    def overhead_ms_per_layer(self) -> float:
+        """Decode at batch 1, measured minus roofline: what a layer costs beyond its weight scan."""
+        decode = self.layers[0]
+        return max(0.0, decode.measured_s - decode.roofline_s) * 1e3
+
+    def device_file(self, name: str) -> DeviceFile:
+        compute = self.device_compute
+        pair = self.links[0]  # two workers: the link the planner's alpha-beta model describes
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        return DeviceFile(
+            name=name,
+            kind="cpu",
+            memory_gb=round(self.memory_gb, 2),
+            tflops=round(compute.tflops, 4),
+            mem_bandwidth_gbs=round(compute.mem_bandwidth_gbs, 2),
+            overhead_ms_per_layer=round(self.overhead_ms_per_layer, 4),
+            source=f"hexgen calibrate, {date}, {os.cpu_count()} cores, {self.num_threads} thread(s) per worker, {self.dtype}",
+            link=LinkSpec(
+                bandwidth_gbps=round(pair.p2p.bytes_per_second * 8 / 1e9, 3),
+                latency_ms=round(pair.p2p.latency_s * 1e3, 4),
+                allreduce_latency_ms=round(pair.all_reduce.latency_s * 1e3, 4),
+            ),
+        )
+
+
+def calibrate(dtype: str, num_threads: int, budget: Budget, log=lambda line: None) -> Calibration:
+    """Run every measurement of `budget` on this machine."""
+    num_cores = os.cpu_count() or 1
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    if not 1 <= num_threads <= num_cores:
+        raise ValueError(f"--threads-per-worker must be between 1 and {num_cores} (this machine's cores), got {num_threads}")
+    links = []  # first: the workers are forked, best before this process starts its thread pools
+    for num_workers in budget.link_worker_counts:
+        links.append(measure_links(num_workers, list(budget.link_sizes), budget.num_link_reps))
+        log(f"gloo, {num_workers} workers: p2p {_alpha_beta(links[-1].p2p)}, all-reduce {_alpha_beta(links[-1].all_reduce)}")
+    thread_counts = range(1, num_cores + 1) if budget.is_every_thread_count else [num_threads]
+    compute = []
+    for threads in thread_counts:
+        compute.append(measure_compute(dtype, threads, budget.matmul_size, budget.scan_bytes, budget.num_compute_reps))
+        log(f"compute, {threads} thread(s): {compute[-1].tflops * 1e3:.1f} GFLOPS, {compute[-1].mem_bandwidth_gbs:.1f} GB/s")
+    device_compute = next(c for c in compute if c.num_threads == num_threads)
+    model = BUILTIN_MODELS[MODEL_NAME].with_dtype(dtype)
+    layers = _check_layers(model, dtype, num_threads, device_compute, budget)
+    for check in layers:
+        log(f"{check.label}: {check.measured_s * 1e3:.3f} ms measured, {check.roofline_s * 1e3:.3f} ms roofline")
+    memory_gb = _total_memory_bytes() / 1e9 / (num_cores // num_threads)
+    return Calibration(dtype, num_threads, memory_gb, tuple(compute), tuple(layers), tuple(links))
+
+
+def _check_layers(model: ModelSpec, dtype: str, num_threads: int, compute: ComputeMeasurement, budget: Budget) -> list[LayerCheck]:
+    """Time decode steps at each batch size and one prefill, beside the planner's roofline for them."""
+    device = DeviceSpec(memory_gb=1, tflops=compute.tflops, mem_bandwidth_gbs=compute.mem_bandwidth_gbs, kind="cpu")
+    link = LinkSpec(bandwidth_gbps=1, latency_ms=0)  # unused at TP 1
+    stage = StageCost(model, device, tp=1, tp_link=link, is_first=False, is_last=False)
+    assert budget.decode_batch_sizes[0] == 1, "the overhead fit reads decode at batch 1 first"
+    bench = LayerBench(model, dtype, budget.layer_flush_bytes)
+    checks = []
+    for batch in budget.decode_batch_sizes:
+        timing = bench.time(num_threads, batch, 1, DECODE_CONTEXT_LEN, budget.num_layer_reps)
+        roofline = stage.decode_time(1, batch, DECODE_CONTEXT_LEN)
+        checks.append(LayerCheck(f"decode, batch {batch}, context {DECODE_CONTEXT_LEN}", timing.median_s, timing.spread, roofline))
+    timing = bench.time(num_threads, 1, PREFILL_LEN, 0, max(3, budget.num_layer_reps // 5))
+    checks.append(LayerCheck(f"prefill, {PREFILL_LEN} tokens", timing.median_s, timing.spread, stage.prefill_time(1, PREFILL_LEN)))
+    return checks
+
+
+def _total_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _alpha_beta(fit) -> str:
+    return f"{fit.latency_s * 1e3:.3f} ms + bytes / {fit.bytes_per_second / 1e9:.2f} GB/s"
+
+
+def render(calibration: Calibration, name: str) -> str:
+    """The device spec as YAML, headed by comments with everything measured."""
+    c = calibration
+    lines = [
+        f"# `hexgen calibrate --dtype {c.dtype} --threads-per-worker {c.num_threads}` on {platform.node()}:",
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.",
+        "# Compute per worker (median over repetitions; spread = (max - min) / median):",
+    ]
+    for m in c.compute:
+        lines.append(
+            f"#   {m.num_threads} thread(s): matmul {m.tflops * 1e3:.1f} GFLOPS (spread {m.tflops_spread:.0%}), "
+            f"weight scan {m.mem_bandwidth_gbs:.1f} GB/s (spread {m.mem_bandwidth_spread:.0%})"
+        )
+    lines.append(f"# One {MODEL_NAME} layer at {c.num_threads} thread(s), measured vs the cost model's roofline:")
+    for check in c.layers:
+        lines.append(
+            f"#   {check.label}: {check.measured_s * 1e3:.3f} ms (spread {check.spread:.0%}) vs "
+            f"{check.roofline_s * 1e3:.3f} ms, ratio {check.measured_s / check.roofline_s:.2f}"
+        )
+    lines.append("#   overhead_ms_per_layer = decode at batch 1, measured minus roofline.")
+    lines.append("# gloo between worker processes (1 thread each), alpha-beta fits of the mean time per call:")
+    for link in c.links:
+        lines.append(f"#   {link.num_workers} workers: p2p {_alpha_beta(link.p2p)}; all-reduce {_alpha_beta(link.all_reduce)}")
+        sizes = ", ".join(f"{size >> 10} KiB" for size in link.sizes)
+        lines.append(f"#     sizes {sizes}: p2p {_ms_list(link.p2p_s)} ms; all-reduce {_ms_list(link.all_reduce_s)} ms")
+    lines.append("# `link:` is the 2-worker fit; memory_gb is RAM / (cores / threads per worker).")
+    spec = calibration.device_file(name).model_dump(exclude_none=True)
+    spec = {"name": spec.pop("name"), **spec}
+    return "\n".join(lines) + "\n" + yaml.safe_dump(spec, sort_keys=False, width=200)
+
+
+def _ms_list(seconds: tuple[float, ...]) -> str:
+    return " ".join(f"{s * 1e3:.3f}" for s in seconds)
+
+
+def run(args: argparse.Namespace) -> int:
+    budget = QUICK if args.quick else FULL
+    calibration = calibrate(args.dtype, args.threads_per_worker, budget, log=lambda line: print(line, file=sys.stderr, flush=True))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    text = render(calibration, args.name or output.stem)
+    output.write_text(text)
+    print(text, end="")
+    print(f"wrote {output}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("calibrate", help="measure this machine as a device and link spec", description=__doc__)
+    parser.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"device spec file to write (default {DEFAULT_OUTPUT})")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype in use (default float32)")
+    parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of one worker (default 1)")
+    parser.add_argument("--name", default=None, help="device name in the file (default: the file's stem)")
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller measurements (~10 s, for tests)")
+    parser.set_defaults(func=run)
