@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import httpx
 import openai
@@ -242,3 +243,16 @@ def test_empty_bearer_accepted_without_api_key(base_url):
         while chunk := sock.recv(65536):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+
+
+def test_structured_access_log(base_url, caplog):
+    with caplog.at_level("INFO", logger="hexgen.access"):
+        response = httpx.post(f"{base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3},
+                              headers={"x-request-id": "trace-42"})
+        deadline = time.monotonic() + 2
+        while not any("trace-42" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert response.headers["x-request-id"] == "trace-42"
+    record = next(json.loads(r.getMessage()) for r in caplog.records if "trace-42" in r.getMessage())
+    assert record["method"] == "POST" and record["path"] == "/v1/completions" and record["status"] == 200
+    assert record["latency_ms"] > 0 and record["completion_tokens"] == 3 and record["prompt_tokens"] >= 1
