@@ -45,7 +45,7 @@ class Budget:
     link_sizes: tuple[int, ...]
     num_link_reps: int
     link_worker_counts: tuple[int, ...]
-    is_every_thread_count: bool
+    is_thread_sweep: bool  # also powers of two up to the core count, not only --threads-per-worker
 
 
 FULL = Budget(
@@ -58,7 +58,7 @@ FULL = Budget(
     link_sizes=(4 << 10, 64 << 10, 1 << 20, 4 << 20, 8 << 20),
     num_link_reps=30,
     link_worker_counts=(2, 3),
-    is_every_thread_count=True,
+    is_thread_sweep=True,
 )
 QUICK = Budget(
     matmul_size=512,
@@ -70,7 +70,7 @@ QUICK = Budget(
     link_sizes=(4 << 10, 1 << 20, 4 << 20),
     num_link_reps=10,
     link_worker_counts=(2,),
-    is_every_thread_count=False,
+    is_thread_sweep=False,
 )
 
 
@@ -134,7 +134,10 @@ def calibrate(dtype: str, num_threads: int, budget: Budget, log=lambda line: Non
     for num_workers in budget.link_worker_counts:
         links.append(measure_links(num_workers, list(budget.link_sizes), budget.num_link_reps))
         log(f"gloo, {num_workers} workers: p2p {_alpha_beta(links[-1].p2p)}, all-reduce {_alpha_beta(links[-1].all_reduce)}")
-    thread_counts = range(1, num_cores + 1) if budget.is_every_thread_count else [num_threads]
+    thread_counts = [num_threads]
+    if budget.is_thread_sweep:
+        powers_of_two = (1 << k for k in range(num_cores.bit_length()))
+        thread_counts = sorted({num_threads, num_cores, *(n for n in powers_of_two if n <= num_cores)})
     compute = []
     for threads in thread_counts:
         compute.append(measure_compute(dtype, threads, budget.matmul_size, budget.scan_bytes, budget.num_compute_reps))
@@ -178,7 +181,8 @@ def render(calibration: Calibration, name: str) -> str:
     c = calibration
     lines = [
         f"# `hexgen calibrate --dtype {c.dtype} --threads-per-worker {c.num_threads}` on {platform.node()}:",
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.",
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.2f} at the end (other processes slow every figure).",
         "# Compute per worker (median over repetitions; spread = (max - min) / median):",
     ]
     for m in c.compute:
