@@ -10,7 +10,7 @@ from pathlib import Path
 from hexcore.config import DeploymentConfig, Device, ReplicaSpec, check_against_model
 from hexcore.devices import default_num_threads, distributed_backend, kv_cache_budget_bytes
 from hexcore.kv_cache import bytes_per_block
-from hexcore.llama import LlamaDims
+from hexcore.llama import LlamaDims, RopeSpec
 from hexcore.messages import StageLayout, WorkerSpec
 from hexcore.model_files import default_model_name, resolve_model_dir
 
@@ -77,7 +77,8 @@ def resolve(config: DeploymentConfig) -> ResolvedDeployment:
     from transformers import AutoConfig
 
     model_dir = resolve_model_dir(config.model)
-    dims = LlamaDims.from_hf(AutoConfig.from_pretrained(model_dir))
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    dims, rope = LlamaDims.from_hf(hf_config), RopeSpec.from_hf(hf_config)
     check_against_model(config, dims.num_layers, dims.num_heads, dims.num_kv_heads)
     max_model_len = config.max_model_len or dims.max_position_embeddings
     if max_model_len > dims.max_position_embeddings:
@@ -94,6 +95,7 @@ def resolve(config: DeploymentConfig) -> ResolvedDeployment:
         backend = distributed_backend([Device.parse(d) for d in devices])
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         workers = [WorkerSpec(replica=name, rank=rank, device=device, stages=layouts, model_dir=model_dir,
+                              dims=dims, rope=rope,
                               dtype=config.dtype, max_model_len=max_model_len, num_kv_blocks=num_blocks,
                               block_size=config.engine.block_size, num_threads=num_threads,
                               init_method=init_method, backend=backend)

@@ -63,18 +63,31 @@ class LlamaDims:
         )
 
 
-def rope_tables(config, max_len: int, dtype: torch.dtype, device: torch.device):
-    """cos, sin: [max_len, D], the rotary tables for positions 0 .. max_len-1 (any static rope_scaling)."""
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+@dataclass(frozen=True)
+class RopeSpec:
+    """The rotary embedding of a model: inverse frequencies [D/2] and the attention scaling factor."""
 
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise ValueError(f"rope type {rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})")
-    rotary = LlamaRotaryEmbedding(config)  # the reference inverse frequencies and attention scaling
-    freqs = torch.arange(max_len, dtype=torch.float)[:, None] * rotary.inv_freq.float()[None, :]
-    angles = torch.cat((freqs, freqs), dim=-1)
-    scaling = rotary.attention_scaling
-    return (angles.cos() * scaling).to(device, dtype), (angles.sin() * scaling).to(device, dtype)
+    inv_freq: tuple[float, ...]
+    attention_scaling: float
+
+    @classmethod
+    def from_hf(cls, config) -> "RopeSpec":
+        """Uses transformers' own rope initialisation, so every static rope_scaling matches HF."""
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise ValueError(f"rope type {rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})")
+        rotary = LlamaRotaryEmbedding(config)
+        return cls(tuple(rotary.inv_freq.float().tolist()), float(rotary.attention_scaling))
+
+    def tables(self, max_len: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [max_len, D] for positions 0 .. max_len-1."""
+        inv_freq = torch.tensor(self.inv_freq, dtype=torch.float)
+        freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        scaling = self.attention_scaling
+        return (angles.cos() * scaling).to(device, dtype), (angles.sin() * scaling).to(device, dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -176,10 +189,9 @@ class LlamaStage(nn.Module):
         return self.lm_head(self.norm(hidden))
 
 
-def load_stage(checkpoint: Checkpoint, config, first_layer: int, num_layers: int, tp: TPGroup,
-               max_model_len: int) -> LlamaStage:
+def load_stage(checkpoint: Checkpoint, dims: LlamaDims, rope: RopeSpec, first_layer: int, num_layers: int,
+               tp: TPGroup, max_model_len: int) -> LlamaStage:
     """Build this rank's shard of layers [first_layer, first_layer + num_layers), reading only its slices."""
-    dims = LlamaDims.from_hf(config)
     heads = dims.num_heads // tp.size
     kv_heads = dims.num_kv_heads // tp.size
     q_rows = (tp.rank * heads * dims.head_dim, (tp.rank + 1) * heads * dims.head_dim)
@@ -217,5 +229,5 @@ def load_stage(checkpoint: Checkpoint, config, first_layer: int, num_layers: int
         head_rows = embed_rows if head_name == embed_name else checkpoint.rows(head_name, *vocab_rows)
         norm_out = norm("model.norm.weight")
         lm_head = VocabParallelLMHead(head_rows, dims.vocab_size, vocab_shard, tp)
-    cos, sin = rope_tables(config, max_model_len, checkpoint.dtype, checkpoint.device)
+    cos, sin = rope.tables(max_model_len, checkpoint.dtype, checkpoint.device)
     return LlamaStage(dims, first_layer, layers, embed, norm_out, lm_head, cos, sin)

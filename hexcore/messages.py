@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hexcore.llama import LlamaDims, RopeSpec
 from hexcore.outputs import TokenLogprob
 from hexcore.sampling_params import SamplingParams
 
@@ -30,6 +31,8 @@ class WorkerSpec:
     device: str  # as written in the deployment file
     stages: tuple[StageLayout, ...]
     model_dir: Path
+    dims: LlamaDims
+    rope: RopeSpec
     dtype: str
     max_model_len: int
     num_kv_blocks: int

@@ -12,7 +12,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig
 
 from hexcore.config import Device
 from hexcore.devices import check_available, torch_device
@@ -49,11 +48,10 @@ def _build_runner(spec: WorkerSpec) -> StageRunner:
             tp = TPGroup(stage.ranks.index(spec.rank), stage.tp, group, stage.ranks)
     stage_index = spec.stage_index
     stage = spec.stages[stage_index]
-    config = AutoConfig.from_pretrained(spec.model_dir)
     dtype = getattr(torch, spec.dtype)
     target = torch_device(device)
     checkpoint = Checkpoint(spec.model_dir, dtype, target)
-    model = load_stage(checkpoint, config, stage.first_layer, stage.num_layers, tp, spec.max_model_len)
+    model = load_stage(checkpoint, spec.dims, spec.rope, stage.first_layer, stage.num_layers, tp, spec.max_model_len)
     checkpoint.close()
     kv_heads = model.dims.num_kv_heads // tp.size
     kv_caches = allocate_kv_cache(stage.num_layers, spec.num_kv_blocks, spec.block_size, kv_heads,
