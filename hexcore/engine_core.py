@@ -138,7 +138,7 @@ class EngineCore:
         return self._output(request)
 
     # the loop
-    def step(self, timeout: float | None = None, wakeup: Connection | None = None) -> list[RequestOutput]:
+    def step(self, timeout: float | None = None, wakeup=None) -> list[RequestOutput]:
         """Schedule, wait up to `timeout` for results (or for `wakeup` to become readable), postprocess."""
         for replica in self.replicas:
             replica.fill_pipeline()

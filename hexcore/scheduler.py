@@ -18,21 +18,16 @@ from hexcore.sequence import Sequence, SequenceStatus
 
 @dataclass(frozen=True)
 class ScheduledSeq:
+    """A sequence's share of a step: its tokens [start, end) go through the model."""
+
     seq: Sequence
-    num_new_tokens: int
+    start: int
+    end: int
+    completes_known_tokens: bool  # after this chunk every known token is cached: sample the next one
 
     @property
-    def start(self) -> int:
-        return self.seq.num_computed_tokens
-
-    @property
-    def end(self) -> int:
-        return self.seq.num_computed_tokens + self.num_new_tokens
-
-    @property
-    def completes_known_tokens(self) -> bool:
-        """After this chunk every known token is in the cache: the next token can be sampled."""
-        return self.end == self.seq.num_tokens
+    def num_new_tokens(self) -> int:
+        return self.end - self.start
 
 
 class Scheduler:
@@ -85,9 +80,10 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def _take(self, seq: Sequence, num_new: int) -> ScheduledSeq:
-        self.block_manager.grow(seq, seq.num_computed_tokens + num_new)
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+        self.block_manager.grow(seq, end)
         seq.is_in_flight = True
-        return ScheduledSeq(seq, num_new)
+        return ScheduledSeq(seq, start, end, completes_known_tokens=end == seq.num_tokens)
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt the youngest idle running sequences until `seq` fits; False if it cannot now."""
