@@ -162,9 +162,9 @@ def _check_layers(model: ModelSpec, dtype: str, num_threads: int, compute: Compu
     for batch in budget.decode_batch_sizes:
         timing = bench.time(num_threads, batch, 1, DECODE_CONTEXT_LEN, budget.num_layer_reps)
         roofline = stage.decode_time(1, batch, DECODE_CONTEXT_LEN)
-        checks.append(LayerCheck(f"decode, batch {batch}, context {DECODE_CONTEXT_LEN}", timing.median_s, timing.spread, roofline))
+        checks.append(LayerCheck(f"decode, batch {batch}, context {DECODE_CONTEXT_LEN}", timing.best_s, timing.spread, roofline))
     timing = bench.time(num_threads, 1, PREFILL_LEN, 0, max(3, budget.num_layer_reps // 5))
-    checks.append(LayerCheck(f"prefill, {PREFILL_LEN} tokens", timing.median_s, timing.spread, stage.prefill_time(1, PREFILL_LEN)))
+    checks.append(LayerCheck(f"prefill, {PREFILL_LEN} tokens", timing.best_s, timing.spread, stage.prefill_time(1, PREFILL_LEN)))
     return checks
 
 
@@ -183,7 +183,7 @@ def render(calibration: Calibration, name: str) -> str:
         f"# `hexgen calibrate --dtype {c.dtype} --threads-per-worker {c.num_threads}` on {platform.node()}:",
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"load average {os.getloadavg()[0]:.2f} at the end (other processes slow every figure).",
-        "# Compute per worker (median over repetitions; spread = (max - min) / median):",
+        "# Compute per worker (fastest of the repetitions; spread = (slowest - fastest) / fastest):",
     ]
     for m in c.compute:
         lines.append(

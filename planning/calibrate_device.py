@@ -1,14 +1,14 @@
 """Micro-benchmarks of one worker as the cost model sees a device: matmul throughput, weight-scan
 bandwidth, and the wall time of one decoder layer (to fit the fixed per-layer overhead).
 
-Every figure is the median of repeated timings at a given torch thread count; `spread` is
-(max - min) / median over the repetitions, to show how noisy the machine was.
+Every figure is the fastest of repeated timings at a given torch thread count: other processes on
+a shared machine only ever slow a repetition down, so the fastest is the least disturbed and the
+most repeatable from run to run. `spread` = (slowest - fastest) / fastest shows how noisy it was.
 """
 
 from __future__ import annotations
 
 import itertools
-import statistics
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -25,7 +25,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class Timing:
-    median_s: float
+    best_s: float
     spread: float
 
     @classmethod
@@ -36,8 +36,8 @@ class Timing:
             start = time.perf_counter()
             fn()
             seconds.append(time.perf_counter() - start)
-        median = statistics.median(seconds)
-        return cls(median, (max(seconds) - min(seconds)) / median)
+        best = min(seconds)
+        return cls(best, (max(seconds) - best) / best)
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,9 @@ def measure_compute(dtype: str, num_threads: int, matmul_size: int, scan_bytes: 
         scan = Timing.of(lambda: F.linear(vector, weight), num_reps)
     return ComputeMeasurement(
         num_threads=num_threads,
-        tflops=2 * matmul_size**3 / matmul.median_s / 1e12,
+        tflops=2 * matmul_size**3 / matmul.best_s / 1e12,
         tflops_spread=matmul.spread,
-        mem_bandwidth_gbs=weight.numel() * weight.element_size() / scan.median_s / 1e9,
+        mem_bandwidth_gbs=weight.numel() * weight.element_size() / scan.best_s / 1e9,
         mem_bandwidth_spread=scan.spread,
     )
 
