@@ -221,6 +221,17 @@ class EngineCore:
             for replica in self.replicas:
                 replica.workers.request_stats()
 
+    def collect_worker_stats(self) -> None:
+        """Refresh every worker's stats now (only while idle: results must not be in flight)."""
+        assert not any(r.in_flight for r in self.replicas), "collect_worker_stats() needs an idle engine"
+        for replica in self.replicas:
+            for conn in replica.workers.conns:  # drop replies to earlier periodic requests
+                while conn.poll(0.05):
+                    replica.workers.receive(conn)
+            replica.workers.request_stats()
+            for conn in replica.workers.conns:
+                replica.workers.receive(conn)
+
     def stats(self) -> EngineStats:
         now = time.monotonic()
         replicas = []

@@ -116,6 +116,7 @@ class WorkerStats:
     stage_index: int
     busy_seconds: float  # time spent computing (not waiting for input)
     num_steps: int
+    recent_steps: tuple[tuple[int, float, float], ...] = ()  # (step id, start, end), shared monotonic clock
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ stage's layers, then send the hidden states on, or, on the last stage, score and
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ class StageRunner:
         self._pending_sends: list = []
         self.busy_seconds = 0.0
         self.num_steps = 0
+        self.recent_steps: deque[tuple[int, float, float]] = deque(maxlen=256)
 
     def run(self, batch: StepBatch) -> StepResult | None:
         inputs = self._receive(batch)
@@ -38,12 +40,14 @@ class StageRunner:
         positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         hidden = self.model(inputs, positions, self.kv_caches, meta)  # [T, C]
         result = self._sample(batch, hidden) if self.is_last else self._send(hidden)
-        self.busy_seconds += time.perf_counter() - started
+        finished = time.perf_counter()
+        self.busy_seconds += finished - started
         self.num_steps += 1
+        self.recent_steps.append((batch.step_id, started, finished))
         return result
 
     def stats(self) -> WorkerStats:
-        return WorkerStats(self.rank, self.stage_index, self.busy_seconds, self.num_steps)
+        return WorkerStats(self.rank, self.stage_index, self.busy_seconds, self.num_steps, tuple(self.recent_steps))
 
     def _receive(self, batch: StepBatch) -> torch.Tensor:
         if self.source is None:
