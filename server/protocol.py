@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -19,6 +19,12 @@ def unix_now() -> int:
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")  # an unsupported parameter is a 400, never ignored
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        """Clients send `"temperature": null` for "not set": treat it as absent."""
+        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
 
 
 class StreamOptions(_Request):

@@ -256,3 +256,9 @@ def test_structured_access_log(base_url, caplog):
     record = next(json.loads(r.getMessage()) for r in caplog.records if "trace-42" in r.getMessage())
     assert record["method"] == "POST" and record["path"] == "/v1/completions" and record["status"] == 200
     assert record["latency_ms"] > 0 and record["completion_tokens"] == 3 and record["prompt_tokens"] >= 1
+
+
+def test_null_parameters_mean_not_set(base_url):
+    body = {"prompt": "Hi", "temperature": None, "top_p": None, "n": None, "stop": None, "seed": None, "max_tokens": None}
+    response = httpx.post(f"{base_url}/v1/completions", json=body)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 16
