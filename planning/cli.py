@@ -11,7 +11,7 @@ from hexcore.config import load_config
 from hexcore.model_files import DEFAULT_MODEL
 from planning.cluster import Cluster, load_cluster
 from planning.evaluate import evaluate_deployment
-from planning.genetic import SearchParams, search
+from planning.genetic import SearchParams, one_replica, search
 from planning.models import BUILTIN_MODELS, ModelSpec, load_model
 from planning.plan import write_plan_file
 from planning.search import SearchResult
@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--patience", type=int, default=defaults.patience, help="stop after N generations without gain")
     plan.add_argument("--sim-requests", type=int, default=100, help="requests simulated per candidate (default 100)")
     plan.add_argument("--symmetric", action="store_true", help="only symmetric replicas (same TP, same layers per stage)")
+    plan.add_argument("--one-replica", action="store_true", help="one replica over every device (no genetic search)")
     plan.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     plan.set_defaults(func=run_plan)
 
@@ -61,7 +62,10 @@ def run_plan(args: argparse.Namespace) -> int:
         population=args.population, generations=args.generations, num_elites=args.elites,
         patience=args.patience, seed=args.seed, num_sim_requests=args.sim_requests,
     )
-    result = search(cluster, model, workload, params, is_symmetric=args.symmetric, show_progress=not args.no_progress)
+    if args.one_replica:
+        result = one_replica(cluster, model, workload, is_symmetric=args.symmetric)
+    else:
+        result = search(cluster, model, workload, params, is_symmetric=args.symmetric, show_progress=not args.no_progress)
     model_field = model.path or _SERVE_NAMES.get(model.name, model.name)
     comment = None if model.path or model.name in _SERVE_NAMES else (
         "built-in planner model: replace with the path to its HF weights directory"

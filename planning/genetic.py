@@ -50,7 +50,9 @@ def search(
     scorer = PartitionScorer(cluster, model, workload, engine, is_symmetric, params.num_sim_requests)
     rng = random.Random(params.seed)
     population = _unique(initial_population(cluster, model))
-    while len(population) < params.population:
+    for _attempt in range(params.population * 10):  # small pools may have fewer distinct partitions
+        if len(population) >= params.population:
+            break
         population = _unique(population + [mutate(rng.choice(population), rng)])
     population = population[: max(params.population, params.num_elites)]
     best, stale = None, 0
@@ -83,6 +85,17 @@ def exhaustive(
     scorer = PartitionScorer(cluster, model, workload, engine, is_symmetric, num_sim_requests)
     best = max(all_partitions(cluster), key=lambda p: (scorer.fitness(p), p))
     return finish(scorer, best, started)
+
+
+def one_replica(
+    cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, engine: EngineSpec | None = None,
+    is_symmetric: bool = False,
+) -> SearchResult:
+    """A single replica over every device of the pool (the DP alone, as in the paper's case study)."""
+    started = time.perf_counter()
+    scorer = PartitionScorer(cluster, model, workload, engine, is_symmetric)
+    everything = canonical([{node.index: node.count for node in cluster.nodes}])
+    return finish(scorer, everything, started)
 
 
 def finish(scorer: PartitionScorer, best: Partition, started: float) -> SearchResult:

@@ -100,6 +100,11 @@ class PartitionScorer:
                 f"{self.model.name} needs {weights:.1f} GB of weights ({self.model.dtype}) but the pool has only "
                 f"{usable:.1f} GB of usable device memory"
             )
+        if self.replica_planner.is_symmetric:
+            return (
+                f"no symmetric layout of {self.model.name} (one TP degree and the same layer count in every stage) "
+                "fits in the devices' memory"
+            )
         return (
             f"no replica layout of {self.model.name} fits: with TP groups limited to same-type devices on one node "
             f"(TP degrees {self.model.valid_tp_degrees()}), some stage always exceeds its devices' memory"
