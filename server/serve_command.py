@@ -17,7 +17,7 @@ import sys
 import uvicorn
 
 from hexcore.config import DeploymentConfig, load_config, parse_config, single_device_config
-from hexcore.model_files import default_model_name, resolve_model_dir
+from hexcore.model_files import resolve_model_dir
 
 DRAIN_SECONDS = 30
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -58,22 +58,6 @@ def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
     return parse_config(raw, source=args.config or "command line")
 
 
-def describe(config: DeploymentConfig) -> str:
-    """The deployment as start-up prints it: replicas, stages, TP degrees, layer ranges, devices."""
-    model_name = config.served_model_name or default_model_name(config.model)
-    lines = [f"model {model_name} ({config.model}, {config.dtype}); {len(config.replicas)} replica(s)"]
-    for name, replica in zip(config.replica_names, config.replicas):
-        lines.append(f"  replica {name}: {len(replica.stages)} stage(s), {replica.num_workers} worker(s)")
-        first = 0
-        for j, stage in enumerate(replica.stages):
-            last = first + stage.layers - 1
-            lines.append(
-                f"    stage {j}: TP {stage.tp}, layers {first}-{last} ({stage.layers}), devices {', '.join(stage.devices)}"
-            )
-            first = last + 1
-    return "\n".join(lines)
-
-
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
@@ -94,11 +78,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hexcore.deployment import resolve
+
     config = deployment_from_args(args)
     configure_logging(args.log_level)
+    description = resolve(config).describe()  # checks the layout against the model before anything starts
     sock = bind_socket(config.server.host, config.server.port)
     host, port = sock.getsockname()[:2]
-    print(describe(config), flush=True)
+    print(description, flush=True)
     print(f"listening on http://{host}:{port} (OpenAI API at http://{host}:{port}/v1)", flush=True)
     return asyncio.run(_serve(config, sock, args.log_level))
 

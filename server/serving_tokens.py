@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from server.errors import bad_request
 from server.protocol import DetokenizeRequest, TokenizeRequest
-from server.serving_common import OpenAIServing, check_model
+from server.serving_common import OpenAIServing, check_model, check_ready
 
 
 class TokenizationServing(OpenAIServing):
     async def tokenize(self, request: TokenizeRequest) -> dict:
+        check_ready(self.engine)  # the tokenizer comes with the model
         check_model(self.engine, request.model)
         if (request.prompt is None) == (request.messages is None):
             raise bad_request("give exactly one of prompt and messages", "prompt")
@@ -19,6 +20,7 @@ class TokenizationServing(OpenAIServing):
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.engine.max_model_len}
 
     async def detokenize(self, request: DetokenizeRequest) -> dict:
+        check_ready(self.engine)
         check_model(self.engine, request.model)
         vocab_size = len(self.tokenizer)
         if any(not 0 <= token_id < vocab_size for token_id in request.tokens):
@@ -26,6 +28,7 @@ class TokenizationServing(OpenAIServing):
         return {"prompt": await self.run_in_tokenizer_thread(self.tokenizer.decode, request.tokens)}
 
     def tokenizer_info(self) -> dict:
+        check_ready(self.engine)
         tokenizer = self.tokenizer
         return {
             "tokenizer_class": type(tokenizer).__name__,

@@ -23,7 +23,6 @@ from transformers import AutoTokenizer
 from tests.conftest import deployment
 from tests.server.conftest import free_port
 
-pytest.importorskip("hexcore.async_engine")  # TEMPORARY: until the engine lands
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "e2e-key"
 STAGES = [(2, 5), (1, 3)]  # (TP degree, layers): asymmetric in both
@@ -324,6 +323,38 @@ def test_metrics_are_labelled_by_replica(server):
     text = httpx.get(f"{server.url}/metrics").text
     assert re.search(r'hexgen_time_to_first_token_seconds_count\{replica="[^"]+"\} [1-9]', text)
     assert re.search(r'hexgen_stage_busy_ratio\{replica="[^"]+",stage="1"\}', text)
+
+
+def test_full_waiting_queue_is_503_with_retry_after(tiny_model_dir, tmp_path):
+    """Its own server: one running and one waiting request fill it."""
+    raw = {**deployment(tiny_model_dir, [(1, 8)], max_num_seqs=1), "server": {"max_waiting_requests": 1}}
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    busy = ServerProcess(path, free_port())
+    model = tiny_model_dir.name
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{busy.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        running = await client.completions.create(model=model, prompt="Hi", max_tokens=400, stream=True,
+                                                  extra_body={"ignore_eos": True})
+        waiting = asyncio.create_task(client.completions.create(model=model, prompt="Hi", max_tokens=2))
+        while metric(busy, "hexgen_num_requests_waiting") < 1:
+            await asyncio.sleep(0.05)
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.completions.create(model=model, prompt="Hi", max_tokens=2)
+        await running.close()
+        recovered = [(await waiting).choices, (await client.completions.create(model=model, prompt="Hi", max_tokens=2)).choices]
+        await client.close()
+        return info.value, recovered
+
+    try:
+        busy.wait_healthy()
+        error, recovered = asyncio.run(main())
+    finally:
+        assert busy.stop() == 0
+    assert error.status_code == 503 and int(error.response.headers["retry-after"]) >= 1
+    assert error.body["code"] == "server_overloaded"
+    assert all(recovered)
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(server, model):

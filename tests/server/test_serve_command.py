@@ -1,4 +1,4 @@
-"""`hexgen serve` argument handling: file values, command-line overrides, the printed deployment."""
+"""`hexgen serve` argument handling: file values and command-line overrides."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from server.cli import build_parser
-from server.serve_command import deployment_from_args, describe
+from server.serve_command import deployment_from_args
 
 
 @pytest.fixture
@@ -48,19 +48,3 @@ def test_command_line_overrides_the_file(tmp_path, model_dir):
 def test_invalid_port_is_a_clean_error(model_dir):
     with pytest.raises(ValueError, match="port"):
         deployment_from_args(parse("--model", str(model_dir), "--port", "70000"))
-
-
-def test_describe_lists_replicas_stages_tp_layers_and_devices(tmp_path):
-    path = tmp_path / "deploy.yaml"
-    path.write_text(
-        "model: /models/m\nserved_model_name: m\n"
-        "replicas:\n"
-        "  - {name: a, stages: [{devices: [cpu, cpu], layers: 6}, {devices: [cpu], layers: 2}]}\n"
-        "  - {name: b, stages: [{devices: [cpu], layers: 8}]}\n"
-    )
-    text = describe(deployment_from_args(parse("--config", str(path))))
-    assert "2 replica(s)" in text
-    assert "replica a: 2 stage(s), 3 worker(s)" in text
-    assert "stage 0: TP 2, layers 0-5 (6), devices cpu, cpu" in text
-    assert "stage 1: TP 1, layers 6-7 (2), devices cpu" in text
-    assert "replica b: 1 stage(s)" in text and "stage 0: TP 1, layers 0-7 (8), devices cpu" in text
