@@ -4,41 +4,21 @@ generated position, over several asymmetric TP/PP layouts. Every worker is its o
 
 from __future__ import annotations
 
-import functools
-
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
-
 from hexcore.config import parse_config
 from hexcore.llm import LLM
 from hexcore.sampling_params import SamplingParams
 from tests.conftest import deployment
+from tests.hexcore.hf_reference import greedy_reference
 
 NUM_NEW_TOKENS = 32
 PROMPTS = ["The capital of France is", "Hello world", "A quick brown fox jumps over the lazy dog and then some more"]
 TOLERANCE = 1e-4
 
 
-@functools.lru_cache(maxsize=4)
-def hf_model(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def hf_reference(model_dir, prompt_ids: list[int]) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens and the log-softmax of every position's logits, unsplit."""
-    model = hf_model(model_dir)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NUM_NEW_TOKENS,
-                             min_new_tokens=NUM_NEW_TOKENS, do_sample=False)
-        new_tokens = out[0, len(prompt_ids):].tolist()
-        logprobs = torch.log_softmax(model(out).logits[0].float(), dim=-1)
-    return new_tokens, logprobs
-
-
 def assert_matches_hf(model_dir, results) -> None:
     for result in results:
-        ref_tokens, ref_logprobs = hf_reference(model_dir, result.prompt_token_ids)
+        ref_tokens, ref_logprobs = greedy_reference(model_dir, result.prompt_token_ids, NUM_NEW_TOKENS)
         assert result.token_ids == ref_tokens
         num_prompt = len(result.prompt_token_ids)
         assert result.prompt_logprobs[0] is None and len(result.prompt_logprobs) == num_prompt
