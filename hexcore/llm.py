@@ -4,29 +4,39 @@ prompts through the engine, and stops the workers (also on an exception or Ctrl-
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hexcore.config import DeploymentConfig
 from hexcore.deployment import resolve
 from hexcore.engine_core import EngineCore
-from hexcore.outputs import TokenLogprob
+from hexcore.outputs import ChoiceDelta, RequestOutput, TokenLogprob
 from hexcore.sampling_params import SamplingParams
 
 
-@dataclass(frozen=True)
+@dataclass
 class Completion:
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    logprobs: list[TokenLogprob] | None
+    """One choice, folded from its stream of deltas."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.token_ids += delta.token_ids
+        self.text += delta.text
+        self.finish_reason = delta.finish_reason
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
 
 
-@dataclass(frozen=True)
+@dataclass
 class GenerationResult:
     prompt_token_ids: list[int]
     completions: list[Completion]  # one per choice (n)
-    prompt_logprobs: list[TokenLogprob | None] | None
-    replica: str
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    replica: str = ""
+    is_finished: bool = False
 
     @property
     def token_ids(self) -> list[int]:
@@ -35,6 +45,13 @@ class GenerationResult:
     @property
     def text(self) -> str:
         return self.completions[0].text
+
+    def add(self, output: RequestOutput) -> None:
+        self.replica = output.replica or self.replica
+        self.prompt_logprobs = output.prompt_logprobs or self.prompt_logprobs
+        for delta in output.choices:
+            self.completions[delta.index].add(delta)
+        self.is_finished = output.is_finished
 
 
 class LLM:
@@ -65,30 +82,16 @@ class LLM:
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         encoded = [self.encode(p) for p in prompts]
-        for request_id, prompt_ids, p in zip(ids, encoded, params_list):
-            self.core.add_request(request_id, prompt_ids, p)
-        collected = {request_id: {} for request_id in ids}
-        prompt_logprobs, replicas = {}, {}
+        results = {request_id: GenerationResult(prompt_ids, [Completion() for _ in range(p.n)])
+                   for request_id, prompt_ids, p in zip(ids, encoded, params_list)}
         try:
-            while any(len(collected[r]) < p.n or not all(c["finish"] for c in collected[r].values())
-                      for r, p in zip(ids, params_list)):
+            for request_id, prompt_ids, p in zip(ids, encoded, params_list):
+                self.core.add_request(request_id, prompt_ids, p)
+            while not all(result.is_finished for result in results.values()):
                 for output in self.core.step(timeout=1.0):
-                    replicas[output.request_id] = output.replica
-                    if output.prompt_logprobs is not None:
-                        prompt_logprobs[output.request_id] = output.prompt_logprobs
-                    for delta in output.choices:
-                        choice = collected[output.request_id].setdefault(
-                            delta.index, {"ids": [], "text": "", "logprobs": [], "finish": None})
-                        choice["ids"] += delta.token_ids
-                        choice["text"] += delta.text
-                        choice["logprobs"] += delta.logprobs or []
-                        choice["finish"] = delta.finish_reason
+                    results[output.request_id].add(output)
         except BaseException:
             for request_id in ids:
                 self.core.abort(request_id)
             raise
-        return [GenerationResult(prompt_ids,
-                                 [Completion(c["ids"], c["text"], c["finish"], c["logprobs"] if p.logprobs is not None else None)
-                                  for _, c in sorted(collected[r].items())],
-                                 prompt_logprobs.get(r), replicas.get(r, ""))
-                for r, prompt_ids, p in zip(ids, encoded, params_list)]
+        return [results[request_id] for request_id in ids]
