@@ -60,9 +60,8 @@ class _Abort:
 
 
 class AsyncEngine:
-    def __init__(self, config: DeploymentConfig, capacities: dict[str, float] | None = None):
+    def __init__(self, config: DeploymentConfig):
         self.config = config
-        self.capacities = capacities
         self.model_name = config.served_model_name or default_model_name(config.model)
         self.max_model_len: int = 0
         self.tokenizer = None
@@ -96,7 +95,7 @@ class AsyncEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.deployment.model_dir)
         self.max_model_len = self.deployment.max_model_len
         self.model_name = self.deployment.model_name
-        core = EngineCore(self.deployment, self.tokenizer, self.capacities)
+        core = EngineCore(self.deployment, self.tokenizer)
         core.start()
         self._core = core
 

@@ -94,6 +94,8 @@ class StageSpec(_Spec):
 class ReplicaSpec(_Spec):
     name: str | None = None
     stages: list[StageSpec] = Field(min_length=1)
+    # written by `hexgen plan`; the router weighs replicas by it (else by measured throughput)
+    predicted_throughput_rps: float | None = Field(default=None, gt=0)
 
     @property
     def num_workers(self) -> int:

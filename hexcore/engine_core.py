@@ -46,6 +46,8 @@ class _Request:
     choices: list[_Choice]
     prompt_logprobs: list[TokenLogprob | None] | None = None
     is_prompt_logprobs_sent: bool = False
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -53,7 +55,7 @@ class _Request:
 
 
 class EngineCore:
-    def __init__(self, deployment: ResolvedDeployment, tokenizer, capacities: dict[str, float] | None = None):
+    def __init__(self, deployment: ResolvedDeployment, tokenizer):
         self.deployment = deployment
         self.tokenizer = tokenizer
         self.max_model_len = deployment.max_model_len
@@ -61,7 +63,7 @@ class EngineCore:
         self.eos_token_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         engine = deployment.config.engine
         self.replicas = [Replica(plan, engine, self.eos_token_ids) for plan in deployment.replicas]
-        self.router = Router(self.replicas, capacities)
+        self.router = Router(self.replicas)
         self.requests: dict[str, _Request] = {}
         self._next_seq_id = 0
         self._stats_requested_at = 0.0
@@ -169,6 +171,8 @@ class EngineCore:
         params, choice = seq.params, request.choices[seq.index]
         token_id = result.token.token_id
         seq.output_token_ids.append(token_id)
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
         choice.token_ids.append(token_id)
         choice.is_dirty = True
         if params.logprobs is not None:
@@ -185,6 +189,15 @@ class EngineCore:
         if reason is not None:
             choice.finish_reason = reason
             request.replica.scheduler.finish(seq, reason)
+            if request.is_finished:
+                self._record_latency(request, seq.num_generated)
+
+    @staticmethod
+    def _record_latency(request: _Request, num_generated: int) -> None:
+        now, replica = time.monotonic(), request.replica
+        replica.ttft_seconds.append(request.first_token_time - request.arrival_time)
+        if num_generated > 1:
+            replica.tpot_seconds.append((now - request.first_token_time) / (num_generated - 1))
 
     def _collect_outputs(self) -> list[RequestOutput]:
         outputs = []
@@ -244,5 +257,6 @@ class EngineCore:
                 num_kv_blocks_used=r.block_manager.num_used_blocks, num_kv_blocks_total=r.block_manager.num_blocks,
                 num_preemptions=r.scheduler.num_preemptions, num_prompt_tokens=r.num_prompt_tokens,
                 num_generated_tokens=r.num_generated_tokens, num_steps=r.num_steps,
-                mean_step_seconds=r.step_seconds / max(1, r.num_steps), stage_busy_fraction=busy))
+                mean_step_seconds=r.step_seconds / max(1, r.num_steps), stage_busy_fraction=busy,
+                ttft_seconds=list(r.ttft_seconds), tpot_seconds=list(r.tpot_seconds)))
         return EngineStats(replicas)

@@ -52,6 +52,8 @@ class Replica:
         self.num_prompt_tokens = 0  # computed prompt tokens (prefill work)
         self.num_generated_tokens = 0
         self.started_at = time.monotonic()
+        self.ttft_seconds: deque[float] = deque(maxlen=4096)
+        self.tpot_seconds: deque[float] = deque(maxlen=4096)
 
     def start(self) -> None:
         self.workers.start()

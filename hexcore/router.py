@@ -2,8 +2,9 @@
 
 Expected wait on replica r = (tokens of work queued on r + this request's tokens) / capacity of r,
 where the work of a sequence is its uncomputed prompt plus its remaining output, and the capacity is
-r's token throughput: given by the planner, else measured (tokens processed per busy second),
-else assumed equal. A slow replica still gets requests once the fast ones have enough queued, and
+r's throughput: predicted by the planner when every replica has a prediction, else measured (tokens
+processed per busy second) once every replica has run a few steps, else assumed equal. Only the
+ratios between replicas matter. A slow replica still gets requests once the fast ones have enough queued, and
 never more than it can drain as quickly as they can.
 """
 
@@ -26,12 +27,17 @@ def measured_capacity(replica: Replica) -> float | None:
 
 
 class Router:
-    def __init__(self, replicas: list[Replica], capacities: dict[str, float] | None = None):
+    def __init__(self, replicas: list[Replica]):
         self.replicas = replicas
-        self.given_capacities = capacities or {}
 
-    def capacity(self, replica: Replica) -> float:
-        return self.given_capacities.get(replica.name) or measured_capacity(replica) or 1.0
+    def capacities(self) -> dict[str, float]:
+        predicted = {r.name: r.plan.spec.predicted_throughput_rps for r in self.replicas}
+        if all(predicted.values()):
+            return predicted
+        measured = {r.name: measured_capacity(r) for r in self.replicas}
+        if all(measured.values()):
+            return measured
+        return {r.name: 1.0 for r in self.replicas}
 
     def choose(self, seqs: list[Sequence]) -> Replica:
         """The replica, among those whose KV cache can ever hold the request, with the least expected wait."""
@@ -39,4 +45,5 @@ class Router:
         fitting = [r for r in self.replicas if r.block_manager.capacity_tokens >= need]
         assert fitting, "the engine rejects requests no replica can hold before routing them"
         work = sum(seq.max_total_tokens() for seq in seqs)
-        return min(fitting, key=lambda r: (queued_tokens(r) + work) / self.capacity(r))
+        capacities = self.capacities()
+        return min(fitting, key=lambda r: (queued_tokens(r) + work) / capacities[r.name])
