@@ -61,7 +61,7 @@ class LinkMeasurement:
 
 
 def measure_links(num_workers: int, sizes: list[int], num_reps: int) -> LinkMeasurement:
-    """Spawn `num_workers` gloo processes and time both patterns at each message size."""
+    """Fork `num_workers` gloo processes and time both patterns at each message size."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rank0.json"
         port = _free_port()
