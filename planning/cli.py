@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--generations", type=int, default=defaults.generations, help="maximum generations")
     plan.add_argument("--elites", type=int, default=defaults.num_elites, help="best candidates kept unchanged")
     plan.add_argument("--patience", type=int, default=defaults.patience, help="stop after N generations without gain")
-    plan.add_argument("--sim-requests", type=int, default=100, help="requests simulated per candidate (default 100)")
+    plan.add_argument("--sim-requests", type=int, default=64, help="requests simulated per candidate (default 64)")
     plan.add_argument("--symmetric", action="store_true", help="only symmetric replicas (same TP, same layers per stage)")
     plan.add_argument("--one-replica", action="store_true", help="one replica over every device (no genetic search)")
     plan.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -32,7 +32,7 @@ MEMORY_SLACKS = (1.15, 1.5, 2.0, 3.0)  # replica sizes (x the weights) used to s
 
 @dataclass(frozen=True)
 class SearchParams:
-    population: int = 24
+    population: int = 20
     generations: int = 30
     num_elites: int = 4
     tournament: int = 3
@@ -49,7 +49,9 @@ def search(
     started = time.perf_counter()
     scorer = PartitionScorer(cluster, model, workload, engine, is_symmetric, params.num_sim_requests)
     rng = random.Random(params.seed)
-    population = _unique(initial_population(cluster, model))
+    seeds = _unique(initial_population(cluster, model))
+    step = max(1, len(seeds) / params.population)  # evenly over the clustering levels when there are many
+    population = _unique([seeds[int(i * step)] for i in range(min(len(seeds), params.population))])
     for _attempt in range(params.population * 10):  # small pools may have fewer distinct partitions
         if len(population) >= params.population:
             break

@@ -1,0 +1,1 @@
+"""Scripts that reproduce the paper's comparisons in simulation (see BENCHMARKS.md)."""
