@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("-o", "--output", required=True, help="deployment file to write")
     plan.add_argument("--seed", type=int, default=0, help="seed of the genetic search (default 0)")
     plan.add_argument("--json", action="store_true", help="print the plan and its predicted figures as JSON")
-    plan.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the model's dtype")
+    plan.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                      help="default: float32 on a pool of cpu devices (the engine's cpu default), else the model's dtype")
     defaults = SearchParams()
     plan.add_argument("--population", type=int, default=defaults.population, help="candidates per generation")
     plan.add_argument("--generations", type=int, default=defaults.generations, help="maximum generations")
@@ -56,8 +57,8 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     cluster, workload = load_cluster(args.cluster), load_workload(args.workload)
     model = load_model(args.model)
-    if args.dtype:
-        model = model.with_dtype(args.dtype)
+    is_cpu_pool = all(node.device.kind == "cpu" for node in cluster.nodes)
+    model = model.with_dtype(args.dtype or ("float32" if is_cpu_pool else model.dtype))
     params = SearchParams(
         population=args.population, generations=args.generations, num_elites=args.elites,
         patience=args.patience, seed=args.seed, num_sim_requests=args.sim_requests,
