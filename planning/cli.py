@@ -12,7 +12,7 @@ from hexcore.model_files import DEFAULT_MODEL
 from planning.cluster import Cluster, load_cluster
 from planning.evaluate import evaluate_deployment
 from planning.genetic import SearchParams, one_replica, search
-from planning.models import BUILTIN_MODELS, ModelSpec, load_model
+from planning.models import BUILTIN_MODELS, load_model
 from planning.plan import write_plan_file
 from planning.search import SearchResult
 from planning.simulator import Predicted

@@ -1,6 +1,7 @@
 """Cluster, workload and model inputs: schemas, catalog, device spec files, HF configs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -109,3 +110,18 @@ def test_builtin_models_and_hf_config(tmp_path):
     assert 130e6 < from_dir.weight_bytes / 2 < 140e6  # SmolLM2-135M
     with pytest.raises(ValueError, match="unknown model"):
         load_model("gpt-5")
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_shipped_configs_load_and_match_the_paper_pools():
+    clusters = {path.stem: load_cluster(path) for path in (CONFIGS / "clusters").glob("*.yaml")}
+    for path in (CONFIGS / "workloads").glob("*.yaml"):
+        load_workload(path)
+    sizes = {name: (c.num_devices, c.price_per_hour) for name, c in clusters.items()}
+    assert sizes["paper-homogeneous-16xA100"] == (16, pytest.approx(65.54))
+    assert sizes["paper-heterogeneous-58gpu"] == (58, pytest.approx(65.04))
+    assert sizes["paper-heterogeneous-half-budget"] == (30, pytest.approx(29.6))
+    assert len(clusters["paper-heterogeneous-58gpu"].sites) == 4
+    assert clusters["local-cpu"].nodes[0].device.kind == "cpu"
