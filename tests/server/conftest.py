@@ -12,7 +12,8 @@ import pytest
 import uvicorn
 
 from server.router import build_app
-from tests.server.fake_engine import FakeEngine, build_tiny_tokenizer
+from tests.conftest import build_tokenizer
+from tests.server.fake_engine import FakeEngine
 
 
 def free_port() -> int:
@@ -45,8 +46,8 @@ def serve_in_thread(engine, wait_ready: bool = True, **app_options):
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer():
-    return build_tiny_tokenizer()
+def tiny_tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

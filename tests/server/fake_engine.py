@@ -1,4 +1,5 @@
-"""A deterministic stand-in for the engine, for testing the HTTP layer without model weights.
+"""A deterministic stand-in for the engine, for testing the HTTP layer without model weights (with the
+tiny tokenizer of tests/conftest.py).
 
 Greedy output continues a fixed sentence from a point chosen by the prompt; sampled output draws words
 from a generator seeded by (seed, choice index). It honours n, max_tokens, min_tokens, stop strings,
@@ -11,45 +12,18 @@ import asyncio
 import random
 import zlib
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
-
 from hexcore.engine_client import EngineOverloaded, EngineStats, ReplicaStats
 from hexcore.outputs import ChoiceDelta, RequestOutput, TokenLogprob
 from hexcore.sampling_params import InvalidParameter, SamplingParams
 
-SENTENCE = " the quick brown fox jumps over the lazy dog and runs far away"
+SENTENCE = " the quick brown fox jumps over the lazy dog and runs far away"  # greedy output repeats it
 FAIL_MID_STREAM = "FAIL_MID_STREAM"
-_CORPUS = [SENTENCE, "Hello world, how are you today?", "Say hi. Count to ten: 1 2 3 4 5 6 7 8 9 10.",
-           "user assistant system", FAIL_MID_STREAM]
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (~400 tokens) trained in memory, with ChatML special tokens."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
-        pad_token="<|im_end|>", chat_template=CHATML,
-    )
-
-
 class FakeEngine:
     def __init__(
-        self, tokenizer=None, model_name: str = "fake-model", max_model_len: int = 256, token_delay: float = 0.0,
+        self, tokenizer, model_name: str = "fake-model", max_model_len: int = 256, token_delay: float = 0.0,
         max_num_requests: int = 1000, startup_seconds: float = 0.0,
     ):
-        self.tokenizer = tokenizer or build_tiny_tokenizer()
+        self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.token_delay = token_delay

@@ -97,14 +97,14 @@ def test_internal_fault_before_stream_is_generic_500(base_url):
     assert_still_serving(base_url)
 
 
-def test_body_too_large_is_413():
-    with serve_in_thread(FakeEngine(), max_body_bytes=1000) as url:
+def test_body_too_large_is_413(tiny_tokenizer):
+    with serve_in_thread(FakeEngine(tiny_tokenizer), max_body_bytes=1000) as url:
         assert_error(httpx.post(f"{url}/v1/completions", json={**GOOD, "prompt": "x" * 5000}), 413)
         assert_still_serving(url)
 
 
-def test_overloaded_is_503_with_retry_after():
-    engine = FakeEngine(token_delay=0.05, max_num_requests=1)
+def test_overloaded_is_503_with_retry_after(tiny_tokenizer):
+    engine = FakeEngine(tiny_tokenizer, token_delay=0.05, max_num_requests=1)
     with serve_in_thread(engine) as url, httpx.Client(timeout=10) as client:
         body = {**GOOD, "max_tokens": 20, "stream": True}
         with client.stream("POST", f"{url}/v1/completions", json=body) as busy:
@@ -116,8 +116,8 @@ def test_overloaded_is_503_with_retry_after():
         assert_still_serving(url)
 
 
-def test_api_key_required_on_v1_when_configured():
-    with serve_in_thread(FakeEngine(), api_key="sesame") as url:
+def test_api_key_required_on_v1_when_configured(tiny_tokenizer):
+    with serve_in_thread(FakeEngine(tiny_tokenizer), api_key="sesame") as url:
         assert_error(httpx.post(f"{url}/v1/completions", json=GOOD), 401)
         wrong = httpx.post(f"{url}/v1/completions", json=GOOD, headers={"Authorization": "Bearer nope"})
         assert assert_error(wrong, 401)["type"] == "authentication_error"
@@ -126,8 +126,8 @@ def test_api_key_required_on_v1_when_configured():
         assert httpx.get(f"{url}/health").status_code == 200
 
 
-def test_health_is_503_until_the_engine_is_ready():
-    engine = FakeEngine(startup_seconds=0.5)
+def test_health_is_503_until_the_engine_is_ready(tiny_tokenizer):
+    engine = FakeEngine(tiny_tokenizer, startup_seconds=0.5)
     with serve_in_thread(engine, wait_ready=False) as url:
         assert httpx.get(f"{url}/health").status_code == 503
         assert_error(httpx.post(f"{url}/v1/completions", json=GOOD), 503)
