@@ -13,6 +13,23 @@ import torch
 import torch.nn.functional as F
 
 
+class GatherWorkspace:
+    """Reusable buffers for the decode path's gathered keys and values: the same memory serves every
+    layer of every step, instead of fresh allocations (and page faults) per layer."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        size = 1
+        for dim in shape:
+            size *= dim
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < size or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self._buffers[name] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buffer[:size].view(shape)
+
+
 @dataclass(frozen=True)
 class PrefillChunk:
     token_start: int  # the chunk's new tokens are batch rows [token_start, token_start + num_new)
@@ -25,9 +42,10 @@ class PrefillChunk:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T]: cache slot of each new token
     decode_rows: torch.Tensor  # [Bd]: batch rows of the single-token sequences
-    decode_block_tables: torch.Tensor  # [Bd, max_blocks], padded with block 0
+    decode_block_ids: torch.Tensor  # [Bd * max_blocks]: their block tables, padded with block 0, flattened
     decode_mask: torch.Tensor  # [Bd, 1, 1, max_blocks * block_size]: True where a key exists
     prefills: tuple[PrefillChunk, ...]
+    workspace: GatherWorkspace
 
     @classmethod
     def build(
@@ -37,6 +55,7 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device,
+        workspace: GatherWorkspace | None = None,
     ) -> "AttentionMetadata":
         slots, decode_rows, decode_tables, decode_lens, prefills = [], [], [], [], []
         row = 0
@@ -58,9 +77,10 @@ class AttentionMetadata:
         return cls(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-            decode_block_tables=torch.tensor(padded, dtype=torch.long, device=device).view(len(padded), max_blocks),
+            decode_block_ids=torch.tensor([b for table in padded for b in table], dtype=torch.long, device=device),
             decode_mask=(key_positions[None, :] < lens[:, None])[:, None, None, :],
             prefills=tuple(prefills),
+            workspace=workspace or GatherWorkspace(),
         )
 
 
@@ -79,9 +99,14 @@ def paged_attention(
     out = torch.empty_like(q)
     if meta.decode_rows.numel():
         num_seqs = meta.decode_rows.numel()
-        # [Bd, max_blocks, block_size, Hkv, D] -> [Bd, Hkv, L, D]
-        keys = k_cache[meta.decode_block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-        values = v_cache[meta.decode_block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+        # gather [Bd * max_blocks, block_size, Hkv, D], seen as [Bd, Hkv, L, D]
+        gathered_shape = (meta.decode_block_ids.numel(), *k_cache.shape[1:])
+        keys = torch.index_select(k_cache, 0, meta.decode_block_ids,
+                                  out=meta.workspace.take("keys", gathered_shape, k_cache))
+        values = torch.index_select(v_cache, 0, meta.decode_block_ids,
+                                    out=meta.workspace.take("values", gathered_shape, v_cache))
+        keys = keys.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+        values = values.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
         queries = q[meta.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
         attended = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True

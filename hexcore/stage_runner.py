@@ -9,7 +9,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from hexcore.attention import AttentionMetadata
+from hexcore.attention import AttentionMetadata, GatherWorkspace
 from hexcore.llama import LlamaStage
 from hexcore.messages import StageLayout, StepBatch, StepResult, WorkerStats
 from hexcore.parallel import TPGroup
@@ -28,6 +28,7 @@ class StageRunner:
         self.is_last = is_last
         self.destinations = [] if is_last else destination_ranks(stage, stages[stage_index + 1], tp.rank)
         self._pending_sends: list = []
+        self._workspace = GatherWorkspace()
         self.busy_seconds = 0.0
         self.num_steps = 0
         self.recent_steps: deque[tuple[int, float, float]] = deque(maxlen=256)
@@ -36,7 +37,7 @@ class StageRunner:
         inputs = self._receive(batch)
         started = time.perf_counter()
         meta = AttentionMetadata.build(batch.query_lens, batch.context_lens, batch.block_tables,
-                                       self.block_size, self.device)
+                                       self.block_size, self.device, self._workspace)
         positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         hidden = self.model(inputs, positions, self.kv_caches, meta)  # [T, C]
         result = self._sample(batch, hidden) if self.is_last else self._send(hidden)

@@ -33,6 +33,17 @@ def _die_with_parent() -> None:
         pass
 
 
+def _keep_freed_memory() -> None:
+    """Let glibc reuse freed memory for large tensors instead of returning it to the OS: otherwise
+    every step's big temporaries are fresh mmaps that page-fault in again."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _build_runner(spec: WorkerSpec) -> StageRunner:
     device = Device.parse(spec.device)
     check_available(device)
@@ -61,6 +72,7 @@ def _build_runner(spec: WorkerSpec) -> StageRunner:
 
 def worker_main(spec: WorkerSpec, conn) -> None:
     _die_with_parent()
+    _keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     started = time.perf_counter()
     try:
