@@ -24,7 +24,8 @@ from server.protocol import (
     random_id,
     unix_now,
 )
-from server.serving_common import Generation, OpenAIServing, event_stream, until_disconnect
+from server.generation import Generation
+from server.serving_common import OpenAIServing, event_stream, until_disconnect
 
 
 class ChatServing(OpenAIServing):
@@ -46,17 +47,17 @@ class ChatServing(OpenAIServing):
         response = ChatCompletionResponse(**head, choices=choices, usage=generation.usage())
         return JSONResponse(response.model_dump())
 
+    def _token_logprob(self, token_id: int, logprob: float) -> TopLogprob:
+        token = self.token_text(token_id)
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
     def _logprobs(self, delta: ChoiceDelta, num_top: int) -> ChatLogprobs:
         content = []
         for entry in delta.logprobs or []:
-            token = self.token_text(entry.token_id)
+            sampled = self._token_logprob(entry.token_id, entry.logprob)
             top = sorted(entry.top.items(), key=lambda item: -item[1])[:num_top]
             content.append(ChatTokenLogprob(
-                token=token, logprob=entry.logprob, bytes=list(token.encode()),
-                top_logprobs=[
-                    TopLogprob(token=text, logprob=value, bytes=list(text.encode()))
-                    for text, value in ((self.token_text(alt), value) for alt, value in top)
-                ],
+                **sampled.model_dump(), top_logprobs=[self._token_logprob(token_id, value) for token_id, value in top]
             ))
         return ChatLogprobs(content=content)
 

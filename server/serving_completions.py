@@ -18,7 +18,8 @@ from server.protocol import (
     random_id,
     unix_now,
 )
-from server.serving_common import Generation, OpenAIServing, event_stream, until_disconnect
+from server.generation import Generation
+from server.serving_common import OpenAIServing, event_stream, until_disconnect
 
 
 class _ChoiceText:
@@ -42,10 +43,7 @@ class _ChoiceText:
             logprobs = self._pending_logprobs or CompletionLogprobs()
             self._pending_logprobs = None
             self._text_offset = _append_logprobs(self._serving, logprobs, delta.logprobs or [], self._text_offset)
-            self.logprobs.tokens += logprobs.tokens
-            self.logprobs.token_logprobs += logprobs.token_logprobs
-            self.logprobs.top_logprobs += logprobs.top_logprobs
-            self.logprobs.text_offset += logprobs.text_offset
+            self.logprobs.extend(logprobs)
         self.text += text
         self.finish_reason = delta.finish_reason or self.finish_reason
         return text, logprobs
