@@ -30,6 +30,11 @@ def torch_device(device: Device) -> torch.device:
     return torch.device(device.torch_name)
 
 
+# OpenMP threads that sleep rather than spin while waiting: a worker whose sibling thread is
+# descheduled (a busy machine, or more workers than cores) then loses little instead of 5x.
+WORKER_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def default_num_threads(num_local_workers: int) -> int:
     """The local cores divided among the local workers, at least one each."""
     return max(1, (os.cpu_count() or 1) // max(1, num_local_workers))

@@ -4,10 +4,12 @@ ready (or say which one failed and why), broadcast steps, collect results, stop 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import time
 from multiprocessing.connection import Connection, wait
 
+from hexcore.devices import WORKER_ENVIRONMENT
 from hexcore.engine_client import EngineDead
 from hexcore.messages import (Shutdown, StatsRequest, StepBatch, StepResult, WorkerFailed, WorkerReady,
                               WorkerSpec, WorkerStats)
@@ -21,6 +23,8 @@ class WorkerStartupError(RuntimeError):
 def _context():
     """Workers fork from a server process that has imported torch once, so each start is fast and
     nothing of the driver's state (threads, open files, CUDA) leaks into a worker."""
+    for name, value in WORKER_ENVIRONMENT.items():  # read by the forkserver when it starts
+        os.environ.setdefault(name, value)
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["hexcore.worker"])
     return context
