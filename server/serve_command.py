@@ -15,6 +15,7 @@ import socket
 import sys
 
 import uvicorn
+from sse_starlette.sse import AppStatus
 
 from hexcore.config import DeploymentConfig, load_config, parse_config, single_device_config
 from hexcore.model_files import resolve_model_dir
@@ -91,9 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: DeploymentConfig, sock: socket.socket, log_level: str) -> int:
-    from sse_starlette.sse import AppStatus
-
-    from hexcore.async_engine import AsyncEngine
+    from hexcore.async_engine import AsyncEngine  # heavy imports: only when serving, not for every hexgen command
     from server.router import build_app
 
     AppStatus.disable_automatic_graceful_drain()  # let streams finish during the drain
@@ -106,7 +105,8 @@ async def _serve(config: DeploymentConfig, sock: socket.socket, log_level: str) 
 
     app = build_app(engine, api_key=config.server.api_key, on_start_failure=on_start_failure)
     server = _DrainingServer(uvicorn.Config(
-        app, log_level=log_level, access_log=False, timeout_graceful_shutdown=DRAIN_SECONDS, lifespan="on",
+        app, log_level=log_level, log_config=None,  # uvicorn logs through our root handler and format
+        access_log=False, timeout_graceful_shutdown=DRAIN_SECONDS, lifespan="on",
     ))
     await server.serve(sockets=[sock])
     if failures:
