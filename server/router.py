@@ -29,7 +29,7 @@ from server.protocol import (
     TokenizeRequest,
 )
 from server.serving_chat import ChatServing
-from server.serving_common import ClientDisconnected
+from server.serving_common import ClientDisconnected, check_ready
 from server.serving_completions import CompletionServing
 from server.serving_tokens import TokenizationServing
 
@@ -72,6 +72,7 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
 
 
 def _model_card(state: ServerState) -> ModelCard:
+    check_ready(state.engine)  # the name and context length are known once the model is loaded
     return ModelCard(id=state.engine.model_name, created=state.created, max_model_len=state.engine.max_model_len)
 
 

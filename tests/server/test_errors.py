@@ -132,6 +132,7 @@ def test_health_is_503_until_the_engine_is_ready(tiny_tokenizer):
         assert httpx.get(f"{url}/health").status_code == 503
         assert_error(httpx.post(f"{url}/v1/completions", json=GOOD), 503)
         assert_error(httpx.post(f"{url}/tokenize", json={"prompt": "Hi"}), 503)
+        assert_error(httpx.get(f"{url}/v1/models"), 503)
         while httpx.get(f"{url}/health").status_code != 200:
             time.sleep(0.02)
         assert_still_serving(url)
