@@ -326,33 +326,40 @@ def test_metrics_are_labelled_by_replica(server):
     assert re.search(r'hexgen_stage_busy_ratio\{replica="[^"]+",stage="1"\}', text)
 
 
-def test_full_waiting_queue_is_503_with_retry_after(tiny_model_dir, tmp_path):
-    """Its own server: one running and one waiting request fill it."""
-    raw = {**deployment(tiny_model_dir, [(1, 8)], max_num_seqs=1), "server": {"max_waiting_requests": 1}}
+def test_two_replicas_behind_one_endpoint_and_full_queue_is_503(tiny_model_dir, tmp_path):
+    """Its own server: two one-stage replicas of one sequence each, and room for one waiting request."""
+    raw = {**deployment(tiny_model_dir, [(1, 8)], [(1, 8)], max_num_seqs=1), "server": {"max_waiting_requests": 1}}
     path = tmp_path / "deploy.yaml"
     path.write_text(yaml.safe_dump(raw))
     busy = ServerProcess(path, free_port())
     model = tiny_model_dir.name
 
+    def running_by_replica() -> dict[str, float]:
+        text = httpx.get(f"{busy.url}/metrics").text
+        return {m[1]: float(m[2]) for m in re.finditer(r'hexgen_num_requests_running\{replica="([^"]+)"\} (\S+)', text)}
+
     async def main():
         client = openai.AsyncOpenAI(base_url=f"{busy.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
-        running = await client.completions.create(model=model, prompt="Hi", max_tokens=400, stream=True,
-                                                  extra_body={"ignore_eos": True})
+        long = dict(model=model, prompt="Hi", max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+        running = [await client.completions.create(**long) for _ in range(2)]
+        busy_replicas = running_by_replica()
         waiting = asyncio.create_task(client.completions.create(model=model, prompt="Hi", max_tokens=2))
         while metric(busy, "hexgen_num_requests_waiting") < 1:
             await asyncio.sleep(0.05)
         with pytest.raises(openai.InternalServerError) as info:
             await client.completions.create(model=model, prompt="Hi", max_tokens=2)
-        await running.close()
+        for stream in running:
+            await stream.close()
         recovered = [(await waiting).choices, (await client.completions.create(model=model, prompt="Hi", max_tokens=2)).choices]
         await client.close()
-        return info.value, recovered
+        return busy_replicas, info.value, recovered
 
     try:
         busy.wait_healthy()
-        error, recovered = asyncio.run(main())
+        busy_replicas, error, recovered = asyncio.run(main())
     finally:
         assert busy.stop(signal.SIGINT) == 0  # Ctrl-C: a clean exit too
+    assert busy_replicas == {"r0": 1.0, "r1": 1.0}  # the engine's router spread the two long requests
     assert error.status_code == 503 and int(error.response.headers["retry-after"]) >= 1
     assert error.body["code"] == "server_overloaded"
     assert all(recovered)
