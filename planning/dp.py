@@ -73,9 +73,9 @@ class ReplicaPlanner:
     def _solve(self, group: Group) -> ReplicaLayout | None:
         nodes = self._ordered_nodes([n for n, _ in group])
         counts = dict(group)
-        options = [self._tp_splits(counts[n]) for n in nodes]
         if self.is_symmetric:
             return self._best_of(self._symmetric_choices(nodes, counts))
+        options = [self._tp_splits(counts[n]) for n in nodes]
         while math.prod(len(o) for o in options) > MAX_TP_CHOICES:  # keep the largest-TP options
             widest = max(range(len(options)), key=lambda i: len(options[i]))
             options[widest] = options[widest][:-1]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -182,6 +183,7 @@ def plot(results, base: float, path: Path) -> None:
             axis.set_ylim(-0.02, 1.02)
             axis.grid(alpha=0.3)
             axis.title.set_fontsize(9)
+            axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         left.legend(fontsize=8)
     fig.suptitle("Llama-2-70B, simulated: homogeneous vs heterogeneous pools (HexGen's comparison)")
     fig.tight_layout()
