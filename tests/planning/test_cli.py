@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hexcore.config import load_config
+from hexcore.config import check_against_model, load_config
 from server.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -109,3 +109,25 @@ def test_simulate_a_hand_written_plan_prints_figures(small, tmp_path, capsys):
     code, out, _ = run(capsys, "simulate", "--cluster", cluster, "--model", "llama-2-7b", "--workload", workload,
                        "--plan", str(plan))
     assert code == 0 and "SLO attainment" in out and "replica r1" in out
+
+
+def test_plan_for_an_hf_model_path_names_it_and_fits_the_engine_checks(tmp_path, capsys):
+    config = {"num_hidden_layers": 6, "hidden_size": 96, "intermediate_size": 224, "num_attention_heads": 6,
+              "num_key_value_heads": 3, "vocab_size": 416, "torch_dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cluster = tmp_path / "cpu.yaml"
+    cluster.write_text(yaml.safe_dump({
+        "gpus": {"box-cpu": {"kind": "cpu", "memory_gb": 2, "tflops": 0.05, "mem_bandwidth_gbs": 10,
+                             "overhead_ms_per_layer": 0.2}},
+        "nodes": [{"name": "box", "gpu": "box-cpu", "count": 3}],
+    }))
+    workload = tmp_path / "w.yaml"
+    workload.write_text("rate: 5\nprompt_len: 32\noutput_len: 16\nslo_seconds: 1\nnum_requests: 20\n")
+    out_file = tmp_path / "plan.yaml"
+    code, _, _ = run(capsys, "plan", "--cluster", str(cluster), "--model", str(tmp_path), "--workload", str(workload),
+                     "-o", str(out_file), "--no-progress")
+    assert code == 0
+    plan = load_config(out_file)
+    assert plan.model == str(tmp_path) and plan.dtype == "float32"
+    assert {d for r in plan.replicas for s in r.stages for d in s.devices} == {"cpu"}
+    check_against_model(plan, num_layers=6, num_heads=6, num_kv_heads=3)
