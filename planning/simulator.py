@@ -45,11 +45,14 @@ class Predicted:
 
     def summary(self) -> dict:
         """The `predicted` object of `hexgen plan --json` and `hexgen simulate --json`."""
+        def figure(value: float) -> float | None:  # no finished request: no latency (JSON null)
+            return round(value, 4) if math.isfinite(value) else None
+
         return {
-            "slo_attainment": round(self.slo_attainment, 4),
-            "throughput_rps": round(self.throughput_rps, 4),
-            "p50_latency_s": round(self.p50_latency_s, 4),
-            "p99_latency_s": round(self.p99_latency_s, 4),
+            "slo_attainment": figure(self.slo_attainment),
+            "throughput_rps": figure(self.throughput_rps),
+            "p50_latency_s": figure(self.p50_latency_s),
+            "p99_latency_s": figure(self.p99_latency_s),
         }
 
 
@@ -211,7 +214,7 @@ class _Simulation:
         span = finish.max() - min(r.arrival for r in requests)
         return Predicted(
             slo_attainment=float(np.sum(e2e <= slo_seconds)) / num,
-            throughput_rps=len(self.finished) / span if span > 0 else 0.0,
+            throughput_rps=float(len(self.finished) / span) if span > 0 else 0.0,
             p50_latency_s=float(np.percentile(e2e, 50)),
             p99_latency_s=float(np.percentile(e2e, 99)),
             mean_latency_s=float(e2e.mean()),

@@ -86,3 +86,11 @@ def test_requests_larger_than_the_kv_capacity_are_unservable_misses():
     predicted = simulate([replica], workload, too_long)
     assert predicted.num_unservable == 1 and predicted.slo_attainment == 0.5
     assert EngineSpec().max_num_seqs == 64
+
+
+def test_no_finished_request_reports_null_latencies():
+    (replica,) = costs([(["n/cuda:0"], 32)])
+    workload = WorkloadSpec(rate=1, prompt_len=10, output_len=2, slo_seconds=10, num_requests=1)
+    predicted = simulate([replica], workload, [Request(0.0, replica.kv_capacity_tokens, 2)])
+    assert predicted.summary() == {"slo_attainment": 0.0, "throughput_rps": 0.0, "p50_latency_s": None,
+                                   "p99_latency_s": None}
