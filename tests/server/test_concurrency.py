@@ -43,7 +43,7 @@ def test_stream_disconnect_aborts_engine_request(slow_url, slow_engine):
         assert request_id in slow_engine.running
     left_at = time.monotonic()
     assert wait_until(lambda: request_id in slow_engine.aborted)
-    assert time.monotonic() - left_at < 0.5
+    assert time.monotonic() - left_at < 1.0  # at once: well before the 200 tokens would have taken
     assert request_id not in slow_engine.finished
 
 
