@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
-from server.cli import build_parser
+from server.cli import build_parser, main
 from server.serve_command import deployment_from_args
 
 
@@ -48,3 +49,19 @@ def test_command_line_overrides_the_file(tmp_path, model_dir):
 def test_invalid_port_is_a_clean_error(model_dir):
     with pytest.raises(ValueError, match="port"):
         deployment_from_args(parse("--model", str(model_dir), "--port", "70000"))
+
+
+def test_layout_that_does_not_fit_the_model_fails_before_serving(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "deploy.yaml"
+    path.write_text(f"model: {tiny_model_dir}\nreplicas:\n  - stages: [{{devices: [cpu], layers: 7}}]\n")
+    assert main(["serve", "--config", str(path), "--port", "0"]) == 2
+    assert "stage layers sum to 7" in capsys.readouterr().err
+
+
+def test_port_in_use_is_a_clean_error(tiny_model_dir, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(tiny_model_dir), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
