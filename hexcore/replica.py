@@ -37,7 +37,7 @@ class Replica:
     def __init__(self, plan: ReplicaPlan, engine: EngineSpec, eos_token_ids: tuple[int, ...]):
         self.name = plan.name
         self.plan = plan
-        self.block_manager = BlockManager(plan.num_kv_blocks, engine.block_size)
+        self.block_manager = BlockManager(plan.num_kv_blocks, engine.block_size, engine.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, engine.max_num_seqs, engine.max_num_batched_tokens)
         self.workers = ReplicaWorkers(plan.workers)
         self.eos_token_ids = eos_token_ids
@@ -92,6 +92,7 @@ class Replica:
             if seq.is_finished:  # aborted while in flight: its blocks are already free
                 continue
             seq.num_computed_tokens = item.end
+            self.block_manager.register_computed(seq)
             if prompt_logprobs is not None:
                 seq.num_prompt_logprobs_done += len(prompt_logprobs)
             self.num_prompt_tokens += max(0, min(item.end, seq.num_prompt_tokens) - item.start)

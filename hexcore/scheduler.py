@@ -61,8 +61,11 @@ class Scheduler:
                 budget -= num_new
         while self.waiting and budget and len(batch) < max_seqs and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not seq.wants_prompt_logprobs:  # scoring needs every prompt position computed
+                self.block_manager.reuse_cached_prefix(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_grow(seq, seq.num_computed_tokens + num_new):
+                self._unadmit(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -94,9 +97,13 @@ class Scheduler:
             self._preempt(victims[-1])
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _unadmit(self, seq: Sequence) -> None:
+        """Give back the cached blocks a waiting sequence was given: it stays waiting, holding nothing."""
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._unadmit(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

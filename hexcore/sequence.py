@@ -28,6 +28,7 @@ class Sequence:
     arrival_time: float
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # prefix-cache hashes of its first full blocks
     num_computed_tokens: int = 0  # tokens whose keys and values are in the cache
     num_prompt_logprobs_done: int = 0  # prompt tokens already scored (prompt_logprobs)
     status: SequenceStatus = SequenceStatus.WAITING

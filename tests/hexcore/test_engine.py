@@ -122,3 +122,21 @@ def test_micro_batches_overlap_across_pipeline_stages(tiny_model_dir):
             assert len(busy) == 2 and all(0 < fraction <= 1 for fraction in busy)
     assert overlap[1] == 0.0
     assert overlap[2] > 0.0
+
+
+def test_prefix_cache_hits_give_the_same_tokens(pipeline_llm):
+    system = "Once upon a time there was a tiny model that answered questions about the weather and cats. "
+    prompts = [system + "Hello world", system + "The capital of France is"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    blocks = pipeline_llm.core.replicas[0].block_manager
+    first = pipeline_llm.generate(prompts[:1], greedy)[0]
+    hits = blocks.num_cache_hits
+    second = pipeline_llm.generate(prompts[1:], greedy)[0]
+    assert blocks.num_cache_hits > hits  # the shared system prompt was not computed again
+    pipeline_llm.core.replicas[0].block_manager.enable_prefix_caching = False
+    try:
+        assert pipeline_llm.generate(prompts, greedy)[1].token_ids == second.token_ids
+        assert pipeline_llm.generate(prompts[:1], greedy)[0].token_ids == first.token_ids
+    finally:
+        pipeline_llm.core.replicas[0].block_manager.enable_prefix_caching = True
+    assert blocks.num_free_blocks == blocks.num_blocks

@@ -13,11 +13,14 @@ def make_seq(seq_id: int, num_prompt: int, max_tokens: int = 8) -> Sequence:
                     seed=0, max_tokens=max_tokens, arrival_time=float(seq_id))
 
 
-def complete(batch, sampled_token: int = 7) -> None:
-    """What the engine does when a step comes back: tokens are cached, the next one is appended."""
+def complete(batch, blocks: BlockManager | None = None, sampled_token: int = 7) -> None:
+    """What the engine does when a step comes back: tokens are cached (and registered for prefix
+    caching), the next one is appended."""
     for item in batch:
         item.seq.is_in_flight = False
         item.seq.num_computed_tokens = item.end
+        if blocks is not None:
+            blocks.register_computed(item.seq)
         if item.completes_known_tokens:
             item.seq.output_token_ids.append(sampled_token)
 
@@ -75,3 +78,36 @@ def test_block_manager_grows_by_whole_blocks_and_frees_everything():
     assert len(seq.block_table) == 3
     blocks.free(seq)
     assert blocks.num_free_blocks == 5 and seq.block_table == []
+
+
+def test_prefix_cache_shares_computed_blocks_and_keeps_accounting_exact():
+    blocks = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    scheduler = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=64)
+    first = make_seq(0, 10)
+    scheduler.add(first)
+    complete(scheduler.schedule(max_seqs=8), blocks)  # 10 prompt tokens computed: blocks 0 and 1 are full
+    second = make_seq(1, 11)  # same first 10 tokens, one more
+    scheduler.add(second)
+    [item] = [b for b in scheduler.schedule(max_seqs=8) if b.seq is second]
+    assert (item.start, item.end) == (8, 11)  # two shared blocks, the rest computed
+    assert second.block_table[:2] == first.block_table[:2] and blocks.num_cache_hits == 2
+    scheduler.finish(first, "stop")
+    scheduler.finish(second, "abort")
+    assert blocks.num_free_blocks == 8
+    third = make_seq(2, 10)  # the freed blocks still hold the prefix
+    scheduler.add(third)
+    [item] = scheduler.schedule(max_seqs=8)
+    assert item.start == 8 and blocks.num_cache_hits == 4
+    scheduler.finish(third, "stop")
+    assert blocks.num_free_blocks == 8
+
+
+def test_prefix_cache_never_hands_out_the_whole_prompt():
+    blocks = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    scheduler = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=64)
+    scheduler.add(make_seq(0, 8))
+    complete(scheduler.schedule(max_seqs=8), blocks)
+    twin = make_seq(1, 8)
+    scheduler.add(twin)
+    [item] = [b for b in scheduler.schedule(max_seqs=8) if b.seq is twin]
+    assert (item.start, item.end) == (4, 8)  # the last block is recomputed for the first token's logits
