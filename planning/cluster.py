@@ -123,10 +123,7 @@ class Cluster:
             for y in self.sites:
                 links[frozenset((x, y))] = self.intra_site if x == y else self.inter_site
         for override in self.overrides:
-            key = frozenset(override.sites)
-            if key not in links:
-                raise ValueError(f"link override names unknown sites {list(override.sites)}; sites: {self.sites}")
-            links[key] = LinkSpec.model_validate(override.model_dump(exclude={"sites"}))
+            links[frozenset(override.sites)] = LinkSpec.model_validate(override.model_dump(exclude={"sites"}))
         return links
 
 
@@ -149,9 +146,11 @@ def build_cluster(spec: ClusterSpec, base_dir: str | Path = ".") -> Cluster:
                 raise ValueError(f"links.{cls_name}: device spec file {entry!r} has no `link:` section")
             entry = device_file.link
         links[cls_name] = entry
-    cluster = Cluster(tuple(nodes), overrides=tuple(spec.links.overrides), **links)
-    cluster._site_links  # validate overrides now
-    return cluster
+    sites = {node.site for node in nodes}
+    for override in spec.links.overrides:
+        if not set(override.sites) <= sites:
+            raise ValueError(f"link override names unknown sites {list(override.sites)}; sites: {sorted(sites)}")
+    return Cluster(tuple(nodes), overrides=tuple(spec.links.overrides), **links)
 
 
 def load_cluster(path: str | Path) -> Cluster:
