@@ -102,10 +102,14 @@ class OpenAIServing:
         self, raw_request: Request, base_id: str, prompts: list[list[int]], params: SamplingParams,
         arrival_time: float, prompt_param: str = "prompt",
     ) -> Generation:
-        """Start the engine requests (the engine rejects empty, too long or out-of-vocabulary prompts);
-        the access log reads their token counts from the request state."""
+        """Start the engine requests (the engine rejects empty, too long or out-of-vocabulary prompts).
+        A client that leaves while they wait for their first token aborts them; the access log reads
+        their token counts from the request state."""
+        opening = Generation.open(self.engine, self.metrics, base_id, prompts, params, arrival_time)
         try:
-            generation = await Generation.open(self.engine, self.metrics, base_id, prompts, params, arrival_time)
+            generation = await until_disconnect(raw_request, opening)
+        except ClientDisconnected:
+            raise
         except Exception as err:
             error = as_api_error(err)
             if error.param == "prompt":

@@ -3,7 +3,7 @@ tiny tokenizer of tests/conftest.py).
 
 Greedy output continues a fixed sentence from a point chosen by the prompt; sampled output draws words
 from a generator seeded by (seed, choice index). It honours n, max_tokens, min_tokens, stop strings,
-stop_token_ids and logprobs, produces prompt logprobs, and can be made slow (`token_delay`), overloaded
+stop_token_ids and logprobs, produces prompt logprobs, and can be made slow (`token_delay`, `first_token_delay`), overloaded
 (`max_num_requests`) or failing mid-stream (a prompt containing FAIL_MID_STREAM)."""
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ FAIL_MID_STREAM = "FAIL_MID_STREAM"
 class FakeEngine:
     def __init__(
         self, tokenizer, model_name: str = "fake-model", max_model_len: int = 256, token_delay: float = 0.0,
-        max_num_requests: int = 1000, startup_seconds: float = 0.0,
+        max_num_requests: int = 1000, startup_seconds: float = 0.0, first_token_delay: float = 0.0,
     ):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.token_delay = token_delay
+        self.first_token_delay = first_token_delay  # as if queued behind other requests
         self.max_num_requests = max_num_requests
         self.startup_seconds = startup_seconds
         self.running: set[str] = set()
@@ -93,6 +94,7 @@ class FakeEngine:
         if params.prompt_logprobs is not None:
             prompt_logprobs = [None] + [self._logprob(t, i, params.prompt_logprobs) for i, t in enumerate(prompt_token_ids[1:])]
         try:
+            await asyncio.sleep(self.first_token_delay)
             step = 0
             while not all(done):
                 await asyncio.sleep(self.token_delay)

@@ -82,3 +82,13 @@ def test_sixteen_streams_complete_while_a_seventeenth_leaves(slow_url, slow_engi
     assert texts == [expected] * 16
     assert wait_until(lambda: left_id in slow_engine.aborted)
     assert left_id not in slow_engine.finished
+
+
+@pytest.mark.parametrize("is_stream", [False, True])
+def test_disconnect_before_the_first_token_aborts_engine_request(tiny_tokenizer, is_stream):
+    engine = FakeEngine(tiny_tokenizer, first_token_delay=3.0)
+    with serve_in_thread(engine) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 5, "stream": is_stream}, timeout=0.3)
+        assert wait_until(lambda: len(engine.aborted) == 1, seconds=1.5)  # long before the first token
+        assert not engine.running and not engine.finished
