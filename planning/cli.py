@@ -71,7 +71,7 @@ def run_plan(args: argparse.Namespace) -> int:
     comment = None if model.path or model.name in _SERVE_NAMES else (
         "built-in planner model: replace with the path to its HF weights directory"
     )
-    config = result.plan.to_config(cluster, model_field, model.dtype)
+    config = result.plan.to_config(cluster, model_field, model.dtype, throughputs_rps=result.replica_throughputs_rps)
     write_plan_file(args.output, config, _header(args, cluster, workload, result), comment)
     if args.json:
         print(json.dumps(plan_json(config, result)))

@@ -44,13 +44,17 @@ class ReplicaPlan:
 class DeploymentPlan:
     replicas: tuple[ReplicaPlan, ...]
 
-    def to_config(self, cluster: Cluster, model: str, dtype: str, engine: EngineSpec | None = None) -> DeploymentConfig:
+    def to_config(self, cluster: Cluster, model: str, dtype: str, engine: EngineSpec | None = None,
+                  throughputs_rps: list[float] | None = None) -> DeploymentConfig:
+        """The deployment file; with predicted throughputs, the engine's router weighs replicas by them."""
+        throughputs = throughputs_rps or [None] * len(self.replicas)
         replicas = [
             ReplicaSpec(
                 name=f"r{i}",
                 stages=[StageSpec(devices=[device_name(cluster, d) for d in s.devices], layers=s.layers) for s in r.stages],
+                predicted_throughput_rps=round(rps, 4) if rps else None,
             )
-            for i, r in enumerate(self.replicas)
+            for i, (r, rps) in enumerate(zip(self.replicas, throughputs))
         ]
         return DeploymentConfig(model=model, dtype=dtype, replicas=replicas, engine=engine or EngineSpec())
 
