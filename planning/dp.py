@@ -71,17 +71,22 @@ class ReplicaPlanner:
         return usable >= self.model.weight_bytes
 
     def _solve(self, group: Group) -> ReplicaLayout | None:
-        nodes = self._ordered_nodes([n for n, _ in group])
+        """Both directions of the node chain (which end holds the embedding, which the LM head) times
+        every combination of per-node TP splits."""
+        chain = self._ordered_nodes([n for n, _ in group])
+        orders = [chain, chain[::-1]] if len(chain) > 1 else [chain]
         counts = dict(group)
         if self.is_symmetric:
-            return self._best_of(self._symmetric_choices(nodes, counts))
-        options = [self._tp_splits(counts[n]) for n in nodes]
-        while math.prod(len(o) for o in options) > MAX_TP_CHOICES:  # keep the largest-TP options
-            widest = max(range(len(options)), key=lambda i: len(options[i]))
+            return self._best_of([c for nodes in orders for c in self._symmetric_choices(nodes, counts)])
+        options = {n: self._tp_splits(counts[n]) for n in chain}
+        while math.prod(len(o) for o in options.values()) > MAX_TP_CHOICES:  # keep the largest-TP options
+            widest = max(chain, key=lambda n: len(options[n]))
             options[widest] = options[widest][:-1]
-        choices = (
-            [(node, tp) for node, split in zip(nodes, combo) for tp in split] for combo in itertools.product(*options)
-        )
+        choices = [
+            [(node, tp) for node, split in zip(nodes, combo) for tp in split]
+            for nodes in orders
+            for combo in itertools.product(*(options[n] for n in nodes))
+        ]
         return self._best_of(choices)
 
     def _best_of(self, choices) -> ReplicaLayout | None:
@@ -89,7 +94,8 @@ class ReplicaPlanner:
         for reserve in (self.engine.max_num_seqs, 1):  # KV room for a full batch; else for one request
             layouts = [layout for stages in choices if (layout := self._layout(stages, reserve * self.max_total_len))]
             if layouts:
-                return min(layouts, key=lambda layout: (layout.round_seconds, len(layout.stages)))
+                # ties (to the nanosecond, below float noise) go to fewer stages, then to the first listed
+                return min(layouts, key=lambda layout: (round(layout.round_seconds, 9), len(layout.stages)))
         return None
 
     def _symmetric_choices(self, nodes: list[int], counts: dict[int, int]) -> list[list[tuple[int, int]]]:
