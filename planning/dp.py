@@ -89,13 +89,24 @@ class ReplicaPlanner:
         ]
         return self._best_of(choices)
 
-    def _best_of(self, choices) -> ReplicaLayout | None:
-        choices = list(choices)
+    def _best_of(self, choices: list[list[tuple[int, int]]]) -> ReplicaLayout | None:
+        """Branch and bound: choices in order of a lower bound on their round time, each laid out by
+        the DP until the bound exceeds the best found. Ties (to the nanosecond, below float noise) go
+        to fewer stages, then to the first listed."""
         for reserve in (self.engine.max_num_seqs, 1):  # KV room for a full batch; else for one request
-            layouts = [layout for stages in choices if (layout := self._layout(stages, reserve * self.max_total_len))]
-            if layouts:
-                # ties (to the nanosecond, below float noise) go to fewer stages, then to the first listed
-                return min(layouts, key=lambda layout: (round(layout.round_seconds, 9), len(layout.stages)))
+            terms = [self._stage_terms(stages, reserve * self.max_total_len) for stages in choices]
+            order = sorted(range(len(choices)), key=lambda i: terms[i].lower_bound)
+            best, best_key = None, None
+            for i in order:
+                if best is not None and terms[i].lower_bound > best.round_seconds + 1e-9:
+                    break
+                layout = self._layout(choices[i], terms[i])
+                if layout is not None:
+                    key = (round(layout.round_seconds, 9), len(layout.stages), i)
+                    if best_key is None or key < best_key:
+                        best, best_key = layout, key
+            if best is not None:
+                return best
         return None
 
     def _symmetric_choices(self, nodes: list[int], counts: dict[int, int]) -> list[list[tuple[int, int]]]:
@@ -137,33 +148,41 @@ class ReplicaPlanner:
             sites = list(min(itertools.permutations(sites), key=chain_cost))
         return [n for site in sites for n in by_site[site]]
 
-    def _layout(self, stages: list[tuple[int, int]], reserve_tokens: int) -> ReplicaLayout | None:
-        num_stages, num_layers = len(stages), self.model.num_layers
-        if num_stages > num_layers:
-            return None
+    def _stage_terms(self, stages: list[tuple[int, int]], reserve_tokens: int) -> "_StageTerms":
+        """Per stage: reference step time per layer and fixed, layer cap; the links; a lower bound."""
+        num_stages = len(stages)
         micro = ReferenceStep.of(
             self.engine.max_num_seqs / (self.engine.num_micro_batches or num_stages), self.prompt_len, self.output_len
         )
-        costs, sends, caps = [], [], []
+        per_layer, fixed, caps, sends = [], [], [], []
         for j, (node, tp) in enumerate(stages):
             cost = StageCost(self.model, self.cluster.nodes[node].device, tp, self.cluster.intra_node, j == 0, j == num_stages - 1)
-            costs.append(cost)
+            per_layer.append(cost.layer_time(micro.num_tokens, micro.attended_pairs, micro.kv_read_tokens))
+            fixed.append(cost.fixed_time(micro.num_sampled))
+            caps.append(self._max_layers(cost, reserve_tokens))
             if j + 1 < num_stages:
                 sends.append(activation_send_time(self.model, micro.num_tokens, self.cluster.link(node, stages[j + 1][0])))
-            caps.append(self._max_layers(cost, reserve_tokens))
-        per_layer = np.array([c.layer_time(micro.num_tokens, micro.attended_pairs, micro.kv_read_tokens) for c in costs])
-        fixed = np.array([c.fixed_time(micro.num_sampled) for c in costs])
+        return_time = self.cluster.link(stages[-1][0], stages[0][0]).latency_s if num_stages > 1 else 0.0
+        # relaxing layer counts to reals >= -inf, the best bottleneck T levels every stage:
+        # sum_j (T - fixed_j) / per_layer_j = L; and a round takes at least S * T
+        inverse = sum(1 / a for a in per_layer)
+        level = (self.model.num_layers + sum(b / a for a, b in zip(per_layer, fixed))) / inverse
+        return _StageTerms(np.array(per_layer), np.array(fixed), np.array(caps), sends, return_time, num_stages * level)
+
+    def _layout(self, stages: list[tuple[int, int]], terms: "_StageTerms") -> ReplicaLayout | None:
+        num_stages, num_layers = len(stages), self.model.num_layers
+        if num_stages > num_layers:
+            return None
         if self.is_symmetric:
-            if num_layers % num_stages or min(caps) < num_layers // num_stages:
+            if num_layers % num_stages or min(terms.caps) < num_layers // num_stages:
                 return None
             layers = [num_layers // num_stages] * num_stages
         else:
-            layers = allocate_layers(per_layer, fixed, np.array(caps), num_layers)
+            layers = allocate_layers(terms.per_layer, terms.fixed, terms.caps, num_layers)
             if layers is None:
                 return None
-        times = [l * a + b for l, a, b in zip(layers, per_layer, fixed)]
-        return_time = self.cluster.link(stages[-1][0], stages[0][0]).latency_s if num_stages > 1 else 0.0
-        total = round_time(times, sends, return_time)
+        times = [l * a + b for l, a, b in zip(layers, terms.per_layer, terms.fixed)]
+        total = round_time(times, terms.sends, terms.return_time)
         return ReplicaLayout(tuple(StageLayout(n, t, l) for (n, t), l in zip(stages, layers)), float(total))
 
     def _max_layers(self, cost: StageCost, reserve_tokens: int) -> int:
@@ -176,6 +195,16 @@ class ReplicaPlanner:
         )
         per_layer = m.layer_bytes / tp + kv_bytes_per_token_per_device(m, tp, 1) * reserve_tokens
         return max(0, int(free // per_layer))
+
+
+@dataclass(frozen=True)
+class _StageTerms:
+    per_layer: np.ndarray  # seconds per layer of the reference micro-batch step
+    fixed: np.ndarray  # seconds per step independent of layers
+    caps: np.ndarray  # most layers each stage holds
+    sends: list[float]
+    return_time: float
+    lower_bound: float  # on the round time of any layer allocation
 
 
 @lru_cache(maxsize=8)
