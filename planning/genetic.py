@@ -56,26 +56,32 @@ def search(
         if len(population) >= params.population:
             break
         population = _unique(population + [mutate(rng.choice(population), rng)])
-    population = population[: max(params.population, params.num_elites)]
     best, stale = None, 0
-    for _ in tqdm(range(params.generations), desc="plan", unit="gen", file=sys.stderr, disable=not show_progress):
+    for generation in tqdm(range(params.generations), desc="plan", unit="gen", file=sys.stderr, disable=not show_progress):
         ranked = sorted(population, key=lambda p: (scorer.fitness(p), p), reverse=True)
         if best is None or scorer.fitness(ranked[0]) > scorer.fitness(best):
             best, stale = ranked[0], 0
         else:
             stale += 1
-            if stale >= params.patience:
-                break
-        children = ranked[: params.num_elites]
-        for _attempt in range(params.population * 10):
-            if len(children) >= params.population:
-                break
-            parent = max(rng.sample(ranked, min(params.tournament, len(ranked))), key=lambda p: (scorer.fitness(p), p))
-            child = mutate(parent, rng)
-            if child not in children:
-                children.append(child)
-        population = children
+        if stale >= params.patience or generation + 1 == params.generations:
+            break
+        population = _next_generation(ranked, scorer, params, rng)
     return finish(scorer, best, started)
+
+
+def _next_generation(
+    ranked: list[Partition], scorer: PartitionScorer, params: SearchParams, rng: random.Random
+) -> list[Partition]:
+    """The elites unchanged, then mutated tournament winners until the population is full."""
+    children = ranked[: params.num_elites]
+    for _attempt in range(params.population * 10):
+        if len(children) >= params.population:
+            break
+        contenders = rng.sample(ranked, min(params.tournament, len(ranked)))
+        child = mutate(max(contenders, key=lambda p: (scorer.fitness(p), p)), rng)
+        if child not in children:
+            children.append(child)
+    return children
 
 
 def exhaustive(
