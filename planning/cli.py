@@ -7,7 +7,7 @@ import datetime
 import json
 import sys
 
-from hexcore.config import load_config
+from hexcore.config import DeploymentConfig, load_config
 from hexcore.model_files import DEFAULT_MODEL
 from planning.cluster import Cluster, load_cluster
 from planning.evaluate import evaluate_deployment
@@ -94,7 +94,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_json(config, result: SearchResult) -> dict:
+def plan_json(config: DeploymentConfig, result: SearchResult) -> dict:
     """The object `hexgen plan --json` prints."""
     return {
         "replicas": [
