@@ -3,7 +3,7 @@
 N concurrent requests of P prompt tokens and O output tokens (greedy, ignore_eos) on SmolLM2-135M:
 
   engine-tp1          one stage, all layers, 2 threads
-  engine-pp2          two single-thread stages, micro-batched (2 micro-batches in flight)
+  engine-pp2          two single-thread stages balanced by weights, micro-batched (2 in flight)
   engine-pp2-serial   the same two stages with one micro-batch (no overlap)
   hf-batch            transformers generate on all N prompts as one padded batch, 2 torch threads
   hf-sequential       transformers generate one prompt at a time (the first K prompts, extrapolated)
@@ -57,6 +57,16 @@ def make_prompts(num_prompts: int, prompt_len: int, vocab_size: int, seed: int) 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(FIRST_ORDINARY_TOKEN, vocab_size, (num_prompts, prompt_len), generator=generator)
     return ids.tolist()
+
+
+def balanced_first_stage_layers(hf_config) -> int:
+    """Layers of the first of two stages so that both read about as many weights per decode step (decode is
+    bound by weight reads): the last stage also holds the LM head, worth vocab * hidden / layer_params layers.
+    layer_params = h * (h + 2 * kv_heads * d)  [q, k, v]  +  h * h  [o]  +  3 * h * I  [gate, up, down]."""
+    h, i, d = hf_config.hidden_size, hf_config.intermediate_size, hf_config.hidden_size // hf_config.num_attention_heads
+    layer_params = h * (h + 2 * hf_config.num_key_value_heads * d) + h * h + 3 * h * i
+    head_in_layers = hf_config.vocab_size * h / layer_params
+    return round((hf_config.num_hidden_layers + head_in_layers) / 2)
 
 
 def engine_config(stages: list[tuple[int, int]], threads: int, num_micro_batches: int | None, num_blocks: int,
@@ -143,6 +153,8 @@ def main() -> None:
     parser.add_argument("--hf-sequential-prompts", type=int, default=4,
                         help="HF sequential runs only this many prompts; its tokens/s is per-request throughput")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="the engine's token budget per step")
+    parser.add_argument("--pp-first-stage-layers", type=int, default=None,
+                        help="layers of the first PP2 stage (default: balanced by weights, the LM head included)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these configurations (engine-tp1 engine-pp2 engine-pp2-serial hf)")
     parser.add_argument("--seed", type=int, default=0)
@@ -151,18 +163,18 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    vocab_size = AutoConfig.from_pretrained(resolve_model_dir("default")).vocab_size
-    num_layers = AutoConfig.from_pretrained(resolve_model_dir("default")).num_hidden_layers
+    hf_config = AutoConfig.from_pretrained(resolve_model_dir("default"))
+    vocab_size, num_layers = hf_config.vocab_size, hf_config.num_hidden_layers
     prompts = make_prompts(args.num_requests, args.prompt_len, vocab_size, args.seed)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     max_model_len = args.prompt_len + args.output_len
     block_size = 16
     num_blocks = args.num_requests * -(-max_model_len // block_size) + 8  # every request fits: no preemption
-    half = num_layers // 2
+    first = args.pp_first_stage_layers or balanced_first_stage_layers(hf_config)
     engines = {  # name: (stages as (TP, layers), threads per worker, micro-batches)
         "engine-tp1": ([(1, num_layers)], NUM_THREADS, None),
-        "engine-pp2": ([(1, half), (1, num_layers - half)], 1, 2),
-        "engine-pp2-serial": ([(1, half), (1, num_layers - half)], 1, 1),
+        "engine-pp2": ([(1, first), (1, num_layers - first)], 1, 2),
+        "engine-pp2-serial": ([(1, first), (1, num_layers - first)], 1, 1),
     }
     selected = set(args.only) if args.only else set(engines) | {"hf"}
 

@@ -1,0 +1,175 @@
+"""Where one engine step spends its time, replayed in a single process (no workers, no IPC).
+
+Builds one rank's StageRunner holding every SmolLM2 layer (TP1) exactly as a worker does, then runs
+the step shapes of the benchmark in bench_engine.py: a decode step of B sequences at context C, and a
+prefill step of the token budget. torch.profiler attributes each aten op's self time to a category
+(linear, KV gather, attention, cache write, norms/rope/activation, sampling); the rest of the step's
+wall time is Python. The driver's per-step work (building and pickling the StepBatch, detokenizing)
+and what the profiler cannot see (IPC) are timed separately.
+
+    .venv/bin/python -m benchmarks.profile_engine_step [--threads 2] [--batch 32] [--context 192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from hexcore.kv_cache import allocate_kv_cache
+from hexcore.llama import LlamaDims, RopeSpec, load_stage
+from hexcore.messages import SeqSampling, StageLayout, StepBatch
+from hexcore.model_files import resolve_model_dir
+from hexcore.parallel import SINGLE
+from hexcore.sampling_params import SamplingParams
+from hexcore.stage_runner import StageRunner
+from hexcore.weights import Checkpoint
+
+BLOCK_SIZE = 16
+GREEDY = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
+
+# aten op name -> category; first matching prefix wins (self CPU time is summed per category).
+CATEGORIES = (
+    ("linear (matmul)", ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("KV gather (cache[block_tables])", ("aten::index",)),
+    ("attention (SDPA)", ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_softmax",
+                          "aten::softmax", "aten::baddbmm", "aten::masked_fill", "aten::where",
+                          "aten::logical_not", "aten::_safe_softmax")),
+    ("cache write (index_copy_)", ("aten::index_copy", "aten::index_put", "aten::_index_put")),
+    ("copies / reshapes", ("aten::copy_", "aten::contiguous", "aten::clone", "aten::reshape", "aten::view",
+                           "aten::transpose", "aten::expand", "aten::unsqueeze", "aten::squeeze",
+                           "aten::_unsafe_view", "aten::empty", "aten::as_strided", "aten::slice",
+                           "aten::split", "aten::chunk", "aten::narrow", "aten::select", "aten::t",
+                           "aten::to", "aten::_to_copy", "aten::empty_like", "aten::resize_",
+                           "aten::detach", "aten::alias", "aten::lift_fresh")),
+    ("elementwise (norm, rope, silu, residual)", ("aten::mul", "aten::add", "aten::cat", "aten::neg",
+                                                 "aten::rsqrt", "aten::pow", "aten::mean", "aten::silu",
+                                                 "aten::sub", "aten::div")),
+    ("sampling (argmax)", ("aten::argmax", "aten::max")),
+    ("embedding", ("aten::embedding",)),
+)
+
+
+def categorise(name: str) -> str:
+    for category, prefixes in CATEGORIES:
+        if name.startswith(prefixes):
+            return category
+    return "other ops"
+
+
+def build_runner(num_blocks: int, max_model_len: int) -> tuple[StageRunner, LlamaDims]:
+    from transformers import AutoConfig
+
+    model_dir = resolve_model_dir("default")
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    dims, rope = LlamaDims.from_hf(hf_config), RopeSpec.from_hf(hf_config)
+    checkpoint = Checkpoint(model_dir, torch.float32, torch.device("cpu"))
+    model = load_stage(checkpoint, dims, rope, 0, dims.num_layers, SINGLE, max_model_len)
+    checkpoint.close()
+    kv_caches = allocate_kv_cache(dims.num_layers, num_blocks, BLOCK_SIZE, dims.num_kv_heads, dims.head_dim,
+                                  torch.float32, torch.device("cpu"))
+    stages = (StageLayout(0, dims.num_layers, (0,)),)
+    return StageRunner(model, kv_caches, SINGLE, 0, 0, stages, BLOCK_SIZE, torch.device("cpu")), dims
+
+
+def step_batch(num_seqs: int, query_len: int, context_len: int, blocks_per_seq: int, vocab: int) -> StepBatch:
+    """Sequence i owns blocks [i * blocks_per_seq, (i + 1) * blocks_per_seq); its last query_len tokens are new."""
+    generator = torch.Generator().manual_seed(0)
+    tables = [list(range(i * blocks_per_seq, i * blocks_per_seq + -(-context_len // BLOCK_SIZE)))
+              for i in range(num_seqs)]
+    positions = [p for _ in range(num_seqs) for p in range(context_len - query_len, context_len)]
+    return StepBatch(step_id=0, token_ids=torch.randint(100, vocab, (len(positions),), generator=generator).tolist(),
+                     positions=positions, query_lens=[query_len] * num_seqs, context_lens=[context_len] * num_seqs,
+                     block_tables=tables,
+                     sampling=[SeqSampling(GREEDY, seed=i, num_generated=context_len) for i in range(num_seqs)],
+                     prompt_scoring=[None] * num_seqs)
+
+
+def time_runs(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls, after one warm-up call."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def breakdown(runner: StageRunner, batch: StepBatch, repeats: int) -> None:
+    wall = time_runs(lambda: runner.run(batch), repeats)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            runner.run(batch)
+    by_category: dict[str, float] = defaultdict(float)
+    by_op: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6 / repeats  # profiler reports microseconds
+        by_category[categorise(event.key)] += seconds
+        by_op[event.key] += seconds
+    print(f"  wall {1e3 * wall:.1f} ms/step without the profiler "
+          f"({1e3 * wall / batch.num_tokens:.2f} ms per token); self time by category (profiled):")
+    for category, seconds in sorted(by_category.items(), key=lambda kv: -kv[1]):
+        print(f"    {category:<42}{1e3 * seconds:8.1f} ms  {seconds / wall:6.1%}")
+    ops_total = sum(by_category.values())
+    print(f"    {'python and dispatch (wall - op time)':<42}{1e3 * max(0.0, wall - ops_total):8.1f} ms  "
+          f"{max(0.0, wall - ops_total) / wall:6.1%}   (op times carry some profiler overhead)")
+    print("  top ops: " + ", ".join(f"{name} {1e3 * s:.1f} ms" for name, s in
+                                    sorted(by_op.items(), key=lambda kv: -kv[1])[:8]))
+
+
+def driver_costs(batch: StepBatch, repeats: int) -> None:
+    """What the driver and the pipes add per step, outside any worker's busy time."""
+    from transformers import AutoTokenizer
+
+    from hexcore.detokenizer import IncrementalDetokenizer
+
+    payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+    dumps = time_runs(lambda: pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL), repeats)
+    loads = time_runs(lambda: pickle.loads(payload), repeats)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("default"))
+    detokenizers = [IncrementalDetokenizer(tokenizer) for _ in batch.query_lens]
+    token_ids = iter(torch.randint(100, 49000, (repeats * 4 * len(detokenizers) + 100,)).tolist())
+
+    def detokenize():
+        for d in detokenizers:
+            d.append(next(token_ids))
+            d.take_new_text(is_final=False)
+
+    detok = time_runs(detokenize, repeats)
+    print(f"  StepBatch of {len(batch.query_lens)} seqs: {len(payload) / 1024:.1f} KiB pickled; dumps "
+          f"{1e3 * dumps:.2f} ms, loads {1e3 * loads:.2f} ms; incremental detokenize of one token per seq "
+          f"{1e3 * detok:.2f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, nargs="*", default=[32, 16], help="decode batch sizes to profile")
+    parser.add_argument("--context", type=int, default=192, help="context length of the decode steps")
+    parser.add_argument("--prefill-tokens", type=int, default=512, help="tokens in the prefill step (128 per seq)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    blocks_per_seq = -(-max(args.context, 128) // BLOCK_SIZE)
+    num_seqs = max(max(args.batch), args.prefill_tokens // 128)
+    runner, dims = build_runner(num_seqs * blocks_per_seq + 1, max_model_len=max(args.context, 128) + 1)
+    print(f"SmolLM2-135M, {dims.num_layers} layers on one rank, {args.threads} threads, block size {BLOCK_SIZE}")
+    for batch_size in args.batch:
+        print(f"\ndecode step: {batch_size} sequences x 1 token at context {args.context}")
+        batch = step_batch(batch_size, 1, args.context, blocks_per_seq, dims.vocab_size)
+        breakdown(runner, batch, args.repeats)
+        driver_costs(batch, 20)
+    print(f"\nprefill step: {args.prefill_tokens // 128} sequences x 128 prompt tokens")
+    breakdown(runner, step_batch(args.prefill_tokens // 128, 128, 128, blocks_per_seq, dims.vocab_size),
+              max(1, args.repeats // 2))
+
+
+if __name__ == "__main__":
+    main()
