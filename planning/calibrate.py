@@ -2,9 +2,11 @@
 device spec file (planning/devices.py) that a cluster file can name under `gpus:` and `links:`.
 
 The device is one worker process at `--threads-per-worker` torch threads: its dense matmul
-throughput, its weight-scan memory bandwidth, its share of RAM, and the fixed per-layer overhead
-that the cost model's roofline leaves unexplained. The link is gloo between worker processes on
-this machine. Every other thread count and worker count measured is kept as a comment in the file.
+throughput, its weight-scan memory bandwidth, its share of RAM, and the overheads (per layer, per KV
+token read, per step) that the cost model leaves unexplained on the engine's own stage
+(planning/calibrate_engine.py). The link is gloo between worker processes on this machine, with the
+all-reduce latency per TP degree measured. Every other thread count and worker count measured is
+kept as a comment in the file.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import torch
 import yaml
 
 from planning.calibrate_device import DTYPES, ComputeMeasurement, LayerBench, measure_compute
+from planning.calibrate_engine import QUICK_SHAPES, SHAPES, OverheadFit, StageTiming, fit_overheads, time_engine_stage
 from planning.calibrate_links import LinkMeasurement, measure_links
 from planning.cost_model import StageCost
 from planning.devices import DeviceFile, DeviceSpec, LinkSpec
+from hexcore.model_files import resolve_model_dir
 from planning.models import BUILTIN_MODELS, ModelSpec
 
 DEFAULT_OUTPUT = "configs/devices/local-cpu.yaml"
@@ -46,6 +50,9 @@ class Budget:
     num_link_reps: int
     link_worker_counts: tuple[int, ...]
     is_thread_sweep: bool  # also powers of two up to the core count, not only --threads-per-worker
+    engine_shapes: tuple  # steps timed on the engine's own stage (calibrate_engine.StepShape)
+    engine_layer_counts: tuple[int, ...]
+    num_engine_reps: int
 
 
 FULL = Budget(
@@ -59,6 +66,9 @@ FULL = Budget(
     num_link_reps=30,
     link_worker_counts=(2, 3),
     is_thread_sweep=True,
+    engine_shapes=SHAPES,
+    engine_layer_counts=(30, 10),
+    num_engine_reps=8,
 )
 QUICK = Budget(
     matmul_size=512,
@@ -71,6 +81,9 @@ QUICK = Budget(
     num_link_reps=10,
     link_worker_counts=(2,),
     is_thread_sweep=False,
+    engine_shapes=QUICK_SHAPES,
+    engine_layer_counts=(4, 2),
+    num_engine_reps=2,
 )
 
 
@@ -92,6 +105,8 @@ class Calibration:
     compute: tuple[ComputeMeasurement, ...]  # one per thread count measured
     layers: tuple[LayerCheck, ...]  # at `num_threads`; the first is decode at batch 1
     links: tuple[LinkMeasurement, ...]  # one per worker count
+    engine: tuple[StageTiming, ...] = ()  # the engine's own stage
+    overheads: OverheadFit | None = None  # fitted to `engine`
 
     @property
     def device_compute(self) -> ComputeMeasurement:
@@ -106,19 +121,24 @@ class Calibration:
     def device_file(self, name: str) -> DeviceFile:
         compute = self.device_compute
         pair = self.links[0]  # two workers: the link the planner's alpha-beta model describes
+        fit = self.overheads or OverheadFit(compute.tflops, self.overhead_ms_per_layer, 0.0, 0.0)
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
         return DeviceFile(
             name=name,
             kind="cpu",
             memory_gb=round(self.memory_gb, 2),
-            tflops=round(compute.tflops, 4),
+            tflops=round(fit.tflops, 4),
             mem_bandwidth_gbs=round(compute.mem_bandwidth_gbs, 2),
-            overhead_ms_per_layer=round(self.overhead_ms_per_layer, 4),
+            overhead_ms_per_layer=round(fit.ms_per_layer, 4),
+            overhead_ms_per_step=round(fit.ms_per_step, 4),
+            overhead_us_per_kv_token=round(fit.us_per_kv_token, 4),
             source=f"hexgen calibrate, {date}, {os.cpu_count()} cores, {self.num_threads} thread(s) per worker, {self.dtype}",
             link=LinkSpec(
                 bandwidth_gbps=round(pair.p2p.bytes_per_second * 8 / 1e9, 3),
                 latency_ms=round(pair.p2p.latency_s * 1e3, 4),
                 allreduce_latency_ms=round(pair.all_reduce.latency_s * 1e3, 4),
+                allreduce_latency_ms_by_tp={link.num_workers: round(link.all_reduce.latency_s * 1e3, 4)
+                                            for link in self.links},
             ),
         )
 
@@ -148,7 +168,14 @@ def calibrate(dtype: str, num_threads: int, budget: Budget, log=lambda line: Non
     for check in layers:
         log(f"{check.label}: {check.measured_s * 1e3:.3f} ms measured, {check.roofline_s * 1e3:.3f} ms roofline")
     memory_gb = _total_memory_bytes() / 1e9 / (num_cores // num_threads)
-    return Calibration(dtype, num_threads, memory_gb, tuple(compute), tuple(layers), tuple(links))
+    engine = time_engine_stage(resolve_model_dir("default"), dtype, num_threads, budget.engine_shapes,
+                               budget.num_engine_reps, budget.engine_layer_counts)
+    device = DeviceSpec(memory_gb=memory_gb, tflops=device_compute.tflops,
+                        mem_bandwidth_gbs=device_compute.mem_bandwidth_gbs, kind="cpu")
+    overheads = fit_overheads(engine, model, device)
+    log(f"engine stage overheads: {overheads}")
+    return Calibration(dtype, num_threads, memory_gb, tuple(compute), tuple(layers), tuple(links), tuple(engine),
+                       overheads)
 
 
 def _check_layers(model: ModelSpec, dtype: str, num_threads: int, compute: ComputeMeasurement, budget: Budget) -> list[LayerCheck]:
@@ -190,13 +217,24 @@ def render(calibration: Calibration, name: str) -> str:
             f"#   {m.num_threads} thread(s): matmul {m.tflops * 1e3:.1f} GFLOPS (spread {m.tflops_spread:.0%}), "
             f"weight scan {m.mem_bandwidth_gbs:.1f} GB/s (spread {m.mem_bandwidth_spread:.0%})"
         )
-    lines.append(f"# One {MODEL_NAME} layer at {c.num_threads} thread(s), measured vs the cost model's roofline:")
+    lines.append(f"# One {MODEL_NAME} layer at {c.num_threads} thread(s), measured vs the cost model without overheads:")
     for check in c.layers:
         lines.append(
             f"#   {check.label}: {check.measured_s * 1e3:.3f} ms (spread {check.spread:.0%}) vs "
             f"{check.roofline_s * 1e3:.3f} ms, ratio {check.measured_s / check.roofline_s:.2f}"
         )
-    lines.append("#   overhead_ms_per_layer = decode at batch 1, measured minus roofline.")
+    lines.append("#   (the cost model without its overheads; cpu: compute + memory time, see planning/cost_model.py)")
+    if c.engine:
+        lines.append(f"# The engine's own stage (hexcore StageRunner, embedding + N layers + LM head + sampling), "
+                     f"fastest of the repetitions:")
+        model = BUILTIN_MODELS[MODEL_NAME].with_dtype(c.dtype)
+        fitted = StageCost(model, c.device_file(name).device(), 1, LinkSpec(bandwidth_gbps=1, latency_ms=0), True, True)
+        for t in c.engine:
+            lines.append(f"#   {t.num_layers} layers, {t.shape.label}: {t.best_s * 1e3:.2f} ms (spread {t.spread:.0%}), "
+                         f"fitted model {t.shape.step_time(fitted, t.num_layers) * 1e3:.2f} ms")
+        lines.append("#   tflops (the engine's effective compute), overhead_ms_per_layer, overhead_us_per_kv_token, "
+                     "overhead_ms_per_step:")
+        lines.append("#   non-negative least squares of these minus their memory time (planning/calibrate_engine.py).")
     lines.append("# gloo between worker processes (1 thread each), alpha-beta fits of the mean time per call:")
     for link in c.links:
         lines.append(f"#   {link.num_workers} workers: p2p {_alpha_beta(link.p2p)}; all-reduce {_alpha_beta(link.all_reduce)}")

@@ -6,12 +6,20 @@ group sets the pace, so a group is described by its slowest figures):
 
     flops per layer   = (2 * P * num_tokens + 4 * H * attended_pairs) / tp
     bytes per layer   = (P * B + kv_bytes_per_token * kv_read_tokens) / tp
-    layer time        = max(flops / compute, bytes / mem_bandwidth)            (roofline)
+    layer time        = max(flops / compute, bytes / mem_bandwidth)            (roofline, kind cuda)
+                        or flops / compute + bytes / mem_bandwidth             (kind cpu, see below)
                         + 2 * allreduce(num_tokens * H * B)                     (attention and MLP outputs)
-                        + overhead_per_layer
+                        + overhead_per_layer + overhead_per_kv_token * kv_read_tokens / tp
     step time         = layers * layer time + overhead_per_step
-                        + on the last stage, the LM head: max(2*H*V*num_sampled / tp / compute,
-                                                                V*H*B / tp / mem_bandwidth)
+                        + on the last stage, the LM head: combine(2*H*V*num_sampled / tp / compute,
+                                                                    V*H*B / tp / mem_bandwidth)
+                          (combine = max for cuda, + for cpu, as for the layers)
+
+A CPU core hardly overlaps streaming weights with computing on them (one thread does both, and small
+batches run as GEMV-like kernels), so on `kind: cpu` the two terms add up: measured one-layer decode
+on this project's 2-core machine is within 3-50% of the sum, but 1.7-3.4x the maximum. The per-KV-token
+overhead is the paged attention's gather and masking beyond the raw KV bytes; calibration fits it,
+with the per-layer and per-step overheads, to the engine's own stage (planning/calibrate_engine.py).
 
 P = parameters of one layer (ModelSpec.params_per_layer: Q/O, K/V sized by KV heads, gated MLP of the
 model's intermediate size), H = hidden size, B = bytes per element, V = vocabulary size.
@@ -34,11 +42,13 @@ USABLE_MEMORY_FRACTION = 0.9
 
 def allreduce_time(num_bytes: float, tp: int, link: LinkSpec) -> float:
     """Ring all-reduce, alpha-beta model: 2*(t-1) steps each moving bytes/t over the slowest link,
-    2*(t-1) * (alpha + bytes / (t * beta)). A measured `allreduce_latency_ms` replaces 2*(t-1)*alpha."""
+    2*(t-1) * (alpha + bytes / (t * beta)). A measured all-reduce latency (LinkSpec.allreduce_latency_s)
+    replaces 2*(t-1)*alpha."""
     if tp == 1:
         return 0.0
     steps = 2 * (tp - 1)
-    latency = link.allreduce_latency_ms / 1e3 if link.allreduce_latency_ms is not None else steps * link.latency_s
+    measured = link.allreduce_latency_s(tp)
+    latency = measured if measured is not None else steps * link.latency_s
     return latency + steps * num_bytes / (tp * link.bytes_per_second)
 
 
@@ -61,6 +71,7 @@ def slowest(devices: list[DeviceSpec]) -> DeviceSpec:
         kind=devices[0].kind,
         overhead_ms_per_layer=max(d.overhead_ms_per_layer for d in devices),
         overhead_ms_per_step=max(d.overhead_ms_per_step for d in devices),
+        overhead_us_per_kv_token=max(d.overhead_us_per_kv_token for d in devices),
     )
 
 
@@ -77,14 +88,21 @@ class StageCost:
 
     def layer_time(self, num_tokens: float, attended_pairs: float, kv_read_tokens: float) -> float:
         c = self._coefficients
-        compute = max(num_tokens * c[0] + attended_pairs * c[1], c[2] + kv_read_tokens * c[3])
-        return compute + c[4] + num_tokens * c[5]
+        flops, memory = num_tokens * c[0] + attended_pairs * c[1], c[2] + kv_read_tokens * c[3]
+        compute = flops + memory if self._is_additive else max(flops, memory)
+        return compute + c[4] + num_tokens * c[5] + kv_read_tokens * c[6]
+
+    @property
+    def _is_additive(self) -> bool:
+        """Compute and memory time add up (a CPU) instead of overlapping (a GPU)."""
+        return self.device.kind == "cpu"
 
     @cached_property
     def _coefficients(self) -> tuple[float, ...]:
         """The formulas above as seconds per unit (the simulator calls layer_time millions of times):
         flops per token and per attended pair, bytes fixed and per KV token (each over the device's
-        rate), then the all-reduce pair's fixed part and per-token part, plus the fixed overhead."""
+        rate), then the all-reduce pair's fixed part (plus the per-layer overhead) and per-token part,
+        and the attention overhead per KV token read."""
         m, d, tp = self.model, self.device, self.tp
         token_bytes = m.hidden_size * m.dtype_bytes
         allreduce_fixed = 2 * allreduce_time(0.0, tp, self.tp_link)
@@ -96,13 +114,15 @@ class StageCost:
             m.kv_bytes_per_token_per_layer / tp / d.bandwidth_bytes,
             allreduce_fixed + d.overhead_ms_per_layer / 1e3,
             allreduce_per_token,
+            d.overhead_us_per_kv_token / 1e6 / tp,
         )
 
     def fixed_time(self, num_sampled: float) -> float:
         """Per-step cost that does not scale with layers: overhead, and the LM head on the last stage."""
         overhead, head_per_sample, head_bytes = self._fixed_coefficients
         if head_bytes and num_sampled > 0:
-            return overhead + max(num_sampled * head_per_sample, head_bytes)
+            flops = num_sampled * head_per_sample
+            return overhead + (flops + head_bytes if self._is_additive else max(flops, head_bytes))
         return overhead
 
     @cached_property

@@ -14,8 +14,10 @@ mem_bandwidth_gbs: 12      # measured streaming bandwidth
 kind: cpu                  # device names in plans become `cpu` instead of `cuda:i`
 overhead_ms_per_layer: 0.05
 overhead_ms_per_step: 1.0
+overhead_us_per_kv_token: 0.5  # per cached token attention reads, per layer (paged-KV gather)
 source: "hexgen calibrate, 2026-11-24, 2 cores"
-link: {bandwidth_gbps: 20, latency_ms: 0.05, allreduce_latency_ms: 0.1}   # optional, between workers
+link: {bandwidth_gbps: 20, latency_ms: 0.05, allreduce_latency_ms: 0.1,   # optional, between workers
+       allreduce_latency_ms_by_tp: {2: 0.1, 3: 0.4}}                     # optional, per group size
 ```
 
 A cluster file uses it by path: `gpus: {local-cpu: configs/devices/local-cpu.yaml}`, and its `link`
@@ -46,6 +48,7 @@ class DeviceSpec(_Spec):
     kind: Literal["cuda", "cpu"] = "cuda"
     overhead_ms_per_layer: float = Field(default=0.0, ge=0)  # fixed cost per layer per step
     overhead_ms_per_step: float = Field(default=0.0, ge=0)  # fixed cost per stage per step
+    overhead_us_per_kv_token: float = Field(default=0.0, ge=0)  # per cached token read, per layer
     source: str | None = None
 
     @property
@@ -65,12 +68,21 @@ class LinkSpec(_Spec):
     """A connection: bandwidth in Gbit/s (network convention), latency per message in ms.
 
     `allreduce_latency_ms`, when measured, replaces the ring's 2*(t-1)*latency term of an all-reduce
-    (collective libraries pay less than one point-to-point latency per ring step).
+    (collective libraries pay less than one point-to-point latency per ring step);
+    `allreduce_latency_ms_by_tp` does so per group size where measured (`hexgen calibrate` measures
+    2 and 3 workers: on a small CPU, 3 workers share 2 cores and wait much longer).
     """
 
     bandwidth_gbps: float = Field(gt=0)
     latency_ms: float = Field(ge=0)
     allreduce_latency_ms: float | None = Field(default=None, ge=0)
+    allreduce_latency_ms_by_tp: dict[int, float] | None = None
+
+    def allreduce_latency_s(self, tp: int) -> float | None:
+        """The measured all-reduce latency of a group of `tp` devices, if any (else None)."""
+        if self.allreduce_latency_ms_by_tp and tp in self.allreduce_latency_ms_by_tp:
+            return self.allreduce_latency_ms_by_tp[tp] / 1e3
+        return self.allreduce_latency_ms / 1e3 if self.allreduce_latency_ms is not None else None
 
     @property
     def bytes_per_second(self) -> float:

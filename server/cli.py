@@ -12,6 +12,7 @@ _SUBCOMMAND_MODULES = [
     "planning.cli",  # hexgen plan, hexgen simulate
     "planning.bench_serve",  # hexgen bench serve
     "planning.calibrate",  # hexgen calibrate
+    "planning.fidelity_cli",  # hexgen fidelity
 ]
 
 

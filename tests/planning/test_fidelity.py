@@ -1,0 +1,114 @@
+"""The fidelity check's arithmetic (no engine runs): step costs, figures, ratios, the table; the
+calibration fit of the engine-stage overheads; the cpu cost model and per-TP all-reduce latency."""
+
+import math
+
+import pytest
+
+from hexcore.config import check_against_model
+from planning.calibrate_engine import StageTiming, StepShape as CalibrationShape, fit_overheads
+from planning.cost_model import StageCost, allreduce_time
+from planning.devices import DeviceFile, DeviceSpec, LinkSpec
+from planning.fidelity import (DEPLOYMENTS, METRICS, Figures, Row, deployment_config, markdown_table,
+                               predicted_costs, rows_of, step_seconds, summary)
+from planning.fidelity_engine import StepShape
+from planning.models import load_model
+from planning.simulator import simulate
+from planning.workload import Request, WorkloadSpec
+
+LINK = LinkSpec(bandwidth_gbps=30, latency_ms=1.0, allreduce_latency_ms=0.6, allreduce_latency_ms_by_tp={3: 3.0})
+DEVICE = DeviceFile(memory_gb=12, tflops=0.07, mem_bandwidth_gbs=18, kind="cpu", overhead_ms_per_layer=0.8,
+                    overhead_ms_per_step=2.0, overhead_us_per_kv_token=1.0, link=LINK)
+SMOLLM = load_model("smollm2-135m").with_dtype("float32")
+
+
+def test_every_deployment_fits_smollm2_and_tp2_cannot():
+    for name in DEPLOYMENTS:
+        check_against_model(deployment_config(name), 30, 9, 3)
+        assert len(predicted_costs(deployment_config(name), DEVICE)) == len(DEPLOYMENTS[name])
+    tp2 = deployment_config("TP1").model_copy(update={"replicas": [DEPLOYMENTS["TP3"][0].model_copy(
+        update={"stages": [DEPLOYMENTS["TP3"][0].stages[0].model_copy(update={"devices": ["cpu", "cpu"]})]})]})
+    with pytest.raises(ValueError, match="TP degree 2 does not divide the model's 9 attention heads"):
+        check_against_model(tp2, 30, 9, 3)
+    with pytest.raises(ValueError, match="unknown deployment 'TP2'"):
+        deployment_config("TP2")
+
+
+def test_step_cost_of_an_engine_step_matches_the_cost_model_helpers():
+    (tp1,) = predicted_costs(deployment_config("TP1"), DEVICE)
+    stage = tp1.stages[0]
+    prefill = StepShape(query_lens=(64,), context_lens=(64,), num_sampled=1)
+    decode = StepShape(query_lens=(1, 1, 1), context_lens=(81, 81, 81), num_sampled=3)
+    assert prefill.is_prefill and not decode.is_prefill
+    assert step_seconds(tp1, prefill) == pytest.approx(stage.prefill_time(30, 64))
+    assert step_seconds(tp1, decode) == pytest.approx(stage.decode_time(30, 3, 80))
+    (pp,) = predicted_costs(deployment_config("TP1+TP1"), DEVICE)  # two stages of 15: the head once, two step overheads
+    assert step_seconds(pp, decode) == pytest.approx(pp.stages[0].decode_time(15, 3, 80) + pp.stages[1].decode_time(15, 3, 80))
+    assert step_seconds(pp, decode) > step_seconds(tp1, decode)
+
+
+def test_simulated_single_request_is_the_cost_models_prefill_then_decodes():
+    (tp1,) = predicted_costs(deployment_config("TP1"), DEVICE)
+    stage = tp1.stages[0]
+    workload = WorkloadSpec(rate=1, prompt_len=64, output_len=4, slo_seconds=100, num_requests=1)
+    predicted = simulate([tp1], workload, [Request(0.0, 64, 4)])
+    assert predicted.p50_ttft_s == pytest.approx(stage.prefill_time(30, 64))
+    decodes = [stage.decode_time(30, 1, 64 + g) for g in range(3)]
+    assert predicted.p50_tpot_s == pytest.approx(sum(decodes) / 3)
+
+
+def test_serving_figures_from_synthetic_timestamps():
+    figures = Figures.serving(arrival=[0.0, 1.0, 2.0], first_token=[0.5, 1.5, 3.0], finish=[1.5, 2.5, 5.0],
+                              num_outputs=[11, 11, 1], prefill_s=0.2, decode_s=0.05).values
+    assert list(figures) == list(METRICS)
+    assert figures["throughput req/s"] == pytest.approx(3 / 5.0)
+    assert figures["TTFT p50 s"] == pytest.approx(0.5)
+    assert figures["TTFT p99 s"] == pytest.approx(0.5 + 0.98 * 0.5)
+    assert figures["TPOT p50 ms"] == pytest.approx(100.0)  # the 1-token request has no TPOT
+    assert figures["prefill step ms"] == pytest.approx(200.0) and figures["decode step ms"] == pytest.approx(50.0)
+
+
+def test_rows_average_runs_and_report_spread_ratio_and_error():
+    def figures(value):
+        return Figures({metric: value for metric in METRICS})
+
+    rows = rows_of("TP1", [figures(1.2), figures(1.2)], [figures(0.9), figures(1.1)])
+    assert [row.metric for row in rows] == list(METRICS)
+    row = rows[0]
+    assert row.measured == pytest.approx(1.0) and row.spread == pytest.approx(0.2)
+    assert row.ratio == pytest.approx(1.2) and row.error == pytest.approx(0.2)
+    assert Row("a", "m", 0.5, 1.0, 0.0).error == pytest.approx(0.5)
+    mixed = [Row("a", "m", p, 1.0, 0.0) for p in (1.1, 0.8, 1.05, math.nan)]
+    assert summary(mixed) == (pytest.approx(0.1), pytest.approx(0.2))
+    table = markdown_table(rows)
+    assert "| TP1 | TTFT p50 s | 1.2 | 1 | 20% | 1.20 |" in table
+    assert "median |error| 20%, worst 20%" in table
+
+
+def test_cpu_cost_adds_compute_and_memory_time_where_a_gpu_overlaps_them():
+    bare = DeviceSpec(memory_gb=12, tflops=0.07, mem_bandwidth_gbs=18, kind="cpu")
+    cpu = StageCost(SMOLLM, bare, 1, LINK, False, False)
+    gpu = StageCost(SMOLLM, bare.model_copy(update={"kind": "cuda"}), 1, LINK, False, False)
+    flops = 2 * SMOLLM.params_per_layer * 4 / bare.flops + 4 * SMOLLM.hidden_size * 4 * 129 / bare.flops
+    memory = (SMOLLM.layer_bytes + SMOLLM.kv_bytes_per_token_per_layer * 4 * 129) / bare.bandwidth_bytes
+    assert cpu.decode_time(1, 4, 128) == pytest.approx(flops + memory)
+    assert gpu.decode_time(1, 4, 128) == pytest.approx(max(flops, memory))
+
+
+def test_allreduce_latency_is_taken_per_group_size_where_measured():
+    assert allreduce_time(0.0, 2, LINK) == pytest.approx(0.6e-3)
+    assert allreduce_time(0.0, 3, LINK) == pytest.approx(3.0e-3)
+    ring = LinkSpec(bandwidth_gbps=30, latency_ms=1.0)
+    assert allreduce_time(0.0, 3, ring) == pytest.approx(4 * 1.0e-3)
+
+
+def test_overhead_fit_recovers_the_parameters_that_made_the_timings():
+    truth = DEVICE.device().model_copy(update={"tflops": 0.05, "overhead_ms_per_layer": 0.7,
+                                               "overhead_us_per_kv_token": 1.5, "overhead_ms_per_step": 3.0})
+    measured_device = truth.model_copy(update={"tflops": 0.08})  # the microbenchmark's figure: too fast
+    stage = StageCost(SMOLLM, truth, 1, LINK, True, True)
+    shapes = [CalibrationShape(1, 1, 128), CalibrationShape(8, 1, 96), CalibrationShape(1, 64, 64)]
+    timings = [StageTiming(s, layers, s.step_time(stage, layers), 0.0) for layers in (30, 10) for s in shapes]
+    fit = fit_overheads(timings, SMOLLM, measured_device)
+    assert fit.tflops == pytest.approx(0.05, rel=1e-6)
+    assert (fit.ms_per_layer, fit.us_per_kv_token, fit.ms_per_step) == pytest.approx((0.7, 1.5, 3.0), rel=1e-6)
