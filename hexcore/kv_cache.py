@@ -3,6 +3,9 @@ Block ids are the same on every rank of a replica; the driver's block manager ha
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -15,5 +18,12 @@ def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_siz
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                       dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]."""
-    return torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    """[num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim], all zeros.
+
+    On CPU the memory comes from calloc: a large cache is mapped zero pages that cost RAM only once
+    written, so a generous budget does not commit gigabytes at start-up."""
+    shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
