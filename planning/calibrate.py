@@ -226,11 +226,11 @@ def render(calibration: Calibration, name: str) -> str:
     lines.append("#   (the cost model without its overheads; cpu: compute + memory time, see planning/cost_model.py)")
     if c.engine:
         lines.append(f"# The engine's own stage (hexcore StageRunner, embedding + N layers + LM head + sampling), "
-                     f"fastest of the repetitions:")
+                     f"median of the repetitions:")
         model = BUILTIN_MODELS[MODEL_NAME].with_dtype(c.dtype)
         fitted = StageCost(model, c.device_file(name).device(), 1, LinkSpec(bandwidth_gbps=1, latency_ms=0), True, True)
         for t in c.engine:
-            lines.append(f"#   {t.num_layers} layers, {t.shape.label}: {t.best_s * 1e3:.2f} ms (spread {t.spread:.0%}), "
+            lines.append(f"#   {t.num_layers} layers, {t.shape.label}: {t.median_s * 1e3:.2f} ms (spread {t.spread:.0%}), "
                          f"fitted model {t.shape.step_time(fitted, t.num_layers) * 1e3:.2f} ms")
         lines.append("#   tflops (the engine's effective compute), overhead_ms_per_layer, overhead_us_per_kv_token, "
                      "overhead_ms_per_step:")

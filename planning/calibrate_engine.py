@@ -59,7 +59,7 @@ QUICK_SHAPES = (StepShape(1, 1, 64), StepShape(4, 1, 64), StepShape(1, 32, 32))
 class StageTiming:
     shape: StepShape
     num_layers: int
-    best_s: float  # fastest repetition (the least disturbed on a shared machine)
+    median_s: float  # the median repetition: the engine runs every step under whatever else runs
     spread: float  # (slowest - fastest) / fastest
 
 
@@ -100,8 +100,8 @@ def time_engine_stage(model_dir, dtype: str, num_threads: int, shapes, num_reps:
                     started = time.perf_counter()
                     runner.run(batch)
                     seconds.append(time.perf_counter() - started)
-                best = min(seconds[1:])
-                timings.append(StageTiming(shape, num_layers, best, (max(seconds[1:]) - best) / best))
+                reps = seconds[1:]
+                timings.append(StageTiming(shape, num_layers, float(np.median(reps)), (max(reps) - min(reps)) / min(reps)))
     return timings
 
 
@@ -140,8 +140,8 @@ def fit_overheads(timings: list[StageTiming], model: ModelSpec, device: DeviceSp
         s = t.shape
         rows.append([s.step_time(compute_only, t.num_layers), t.num_layers,
                      t.num_layers * s.num_seqs * s.context_len, 1.0])  # flops / 1e12, layers, KV reads, 1
-        rest.append(t.best_s - s.step_time(memory_only, t.num_layers))
-    weights = 1.0 / np.array([t.best_s for t in timings])
+        rest.append(t.median_s - s.step_time(memory_only, t.num_layers))
+    weights = 1.0 / np.array([t.median_s for t in timings])
     a, b = np.array(rows) * weights[:, None], np.array(rest) * weights
     num_terms = a.shape[1]
     best, best_error = None, math.inf

@@ -11,13 +11,14 @@ attention heads and 3 KV heads, so a TP degree must divide 3 (the deployment con
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from hexcore.config import DeploymentConfig, EngineSpec, ReplicaSpec, StageSpec
 from planning.cluster import ClusterSpec, LinksSpec, NodeSpec, build_cluster
-from planning.devices import DeviceFile
+from planning.devices import DeviceFile, DeviceSpec
 from planning.evaluate import replica_costs
 from planning.fidelity_engine import Measurement, StepShape
 from planning.models import load_model
@@ -57,10 +58,27 @@ def deployment_config(name: str) -> DeploymentConfig:
                             replicas=DEPLOYMENTS[name], engine=ENGINE)
 
 
-def predicted_costs(config: DeploymentConfig, device_file: DeviceFile) -> list[ReplicaCost]:
-    """The replicas' cost models on a pool of as many calibrated cpu devices as the deployment has workers."""
+def shared_device(device: DeviceSpec, num_workers: int, num_cores: int) -> DeviceSpec:
+    """One worker as a device when `num_workers` single-thread workers share `num_cores` cores: with
+    more workers than cores each gets cores / workers of a core, so its rates shrink and its fixed
+    costs grow by that share (a pipeline's stages are all busy at once when micro-batches overlap)."""
+    share = min(1.0, num_cores / num_workers)
+    if share == 1.0:
+        return device
+    return device.model_copy(update={
+        "tflops": device.tflops * share, "mem_bandwidth_gbs": device.mem_bandwidth_gbs * share,
+        "overhead_ms_per_layer": device.overhead_ms_per_layer / share,
+        "overhead_ms_per_step": device.overhead_ms_per_step / share,
+        "overhead_us_per_kv_token": device.overhead_us_per_kv_token / share,
+    })
+
+
+def predicted_costs(config: DeploymentConfig, device_file: DeviceFile, num_cores: int | None = None) -> list[ReplicaCost]:
+    """The replicas' cost models on a pool of as many calibrated cpu devices as the deployment has
+    workers, sharing this machine's cores (`num_cores`, default all)."""
     num_workers = sum(r.num_workers for r in config.replicas)
-    spec = ClusterSpec(gpus={"local-cpu": device_file.device()},
+    device = shared_device(device_file.device(), num_workers, num_cores or os.cpu_count() or 1)
+    spec = ClusterSpec(gpus={"local-cpu": device},
                        nodes=[NodeSpec(name="local", gpu="local-cpu", count=num_workers)],
                        links=LinksSpec(intra_node=device_file.link))
     cluster = build_cluster(spec)

@@ -9,6 +9,7 @@ every second).
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -58,8 +59,6 @@ class Measurement:
 
 def run_trace(config: DeploymentConfig, requests: list[Request], seed: int = 0) -> Measurement:
     """Serve `requests` on a fresh engine of `config` (needs a `__main__` guard: workers fork-serve)."""
-    import os
-
     from hexcore.llm import LLM
 
     rng = random.Random(seed)

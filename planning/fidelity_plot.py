@@ -12,6 +12,7 @@ def plot_rows(rows: list[Row], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     deployments = list(dict.fromkeys(row.deployment for row in rows))
     markers = "osD^v<>"
@@ -27,6 +28,9 @@ def plot_rows(rows: list[Row], path: str | Path) -> None:
             ax.scatter(row.measured, row.predicted, marker=markers[i % len(markers)], s=40, label=row.deployment)
         ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high), title=metric,
                xlabel="measured", ylabel="predicted")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(NullFormatter())
     handles, labels = axes.flat[0].get_legend_handles_labels()
     axes.flat[-1].axis("off")
     axes.flat[-1].legend(handles, labels, loc="center")

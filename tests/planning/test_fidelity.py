@@ -9,7 +9,7 @@ from hexcore.config import check_against_model
 from planning.calibrate_engine import StageTiming, StepShape as CalibrationShape, fit_overheads
 from planning.cost_model import StageCost, allreduce_time
 from planning.devices import DeviceFile, DeviceSpec, LinkSpec
-from planning.fidelity import (DEPLOYMENTS, METRICS, Figures, Row, deployment_config, markdown_table,
+from planning.fidelity import (DEPLOYMENTS, METRICS, Figures, Row, deployment_config, markdown_table, shared_device,
                                predicted_costs, rows_of, step_seconds, summary)
 from planning.fidelity_engine import StepShape
 from planning.models import load_model
@@ -112,3 +112,14 @@ def test_overhead_fit_recovers_the_parameters_that_made_the_timings():
     fit = fit_overheads(timings, SMOLLM, measured_device)
     assert fit.tflops == pytest.approx(0.05, rel=1e-6)
     assert (fit.ms_per_layer, fit.us_per_kv_token, fit.ms_per_step) == pytest.approx((0.7, 1.5, 3.0), rel=1e-6)
+
+
+def test_workers_beyond_the_cores_share_them():
+    device = DEVICE.device()
+    assert shared_device(device, 2, 2) == device
+    half = shared_device(device, 4, 2)
+    assert half.tflops == pytest.approx(device.tflops / 2) and half.overhead_ms_per_step == pytest.approx(4.0)
+    (alone,) = predicted_costs(deployment_config("TP3"), DEVICE, num_cores=3)
+    (shared,) = predicted_costs(deployment_config("TP3"), DEVICE, num_cores=2)
+    decode = StepShape(query_lens=(1,), context_lens=(64,), num_sampled=1)
+    assert step_seconds(shared, decode) > step_seconds(alone, decode)
