@@ -41,9 +41,10 @@ class PrefillChunk:
 @dataclass(frozen=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T]: cache slot of each new token
+    is_all_decode: bool  # every sequence has one new token: decode rows are the whole batch, in order
     decode_rows: torch.Tensor  # [Bd]: batch rows of the single-token sequences
     decode_block_ids: torch.Tensor  # [Bd * max_blocks]: their block tables, padded with block 0, flattened
-    decode_mask: torch.Tensor  # [Bd, 1, 1, max_blocks * block_size]: True where a key exists
+    decode_mask: torch.Tensor  # [Bd, 1, 1, max_blocks * block_size]: 0 where a key exists, -inf elsewhere
     prefills: tuple[PrefillChunk, ...]
     workspace: GatherWorkspace
 
@@ -55,6 +56,7 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device,
+        dtype: torch.dtype = torch.float32,
         workspace: GatherWorkspace | None = None,
     ) -> "AttentionMetadata":
         slots, decode_rows, decode_tables, decode_lens, prefills = [], [], [], [], []
@@ -74,11 +76,13 @@ class AttentionMetadata:
         padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
         key_positions = torch.arange(max_blocks * block_size, device=device)
         lens = torch.tensor(decode_lens, dtype=torch.long, device=device)
+        is_key = (key_positions[None, :] < lens[:, None])[:, None, None, :]
         return cls(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            is_all_decode=not prefills,
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
             decode_block_ids=torch.tensor([b for table in padded for b in table], dtype=torch.long, device=device),
-            decode_mask=(key_positions[None, :] < lens[:, None])[:, None, None, :],
+            decode_mask=torch.zeros(is_key.shape, dtype=dtype, device=device).masked_fill_(~is_key, float("-inf")),
             prefills=tuple(prefills),
             workspace=workspace or GatherWorkspace(),
         )
@@ -96,43 +100,48 @@ def paged_attention(
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    decoded = _decode_attention(q, k_cache, v_cache, meta, scale) if meta.decode_rows.numel() else None
+    if meta.is_all_decode:
+        return decoded
     out = torch.empty_like(q)
-    if meta.decode_rows.numel():
-        num_seqs = meta.decode_rows.numel()
-        # gather [Bd * max_blocks, block_size, Hkv, D], seen as [Bd, Hkv, L, D]
-        gathered_shape = (meta.decode_block_ids.numel(), *k_cache.shape[1:])
-        keys = torch.index_select(k_cache, 0, meta.decode_block_ids,
-                                  out=meta.workspace.take("keys", gathered_shape, k_cache))
-        values = torch.index_select(v_cache, 0, meta.decode_block_ids,
-                                    out=meta.workspace.take("values", gathered_shape, v_cache))
-        keys = keys.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-        values = values.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-        queries = q[meta.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
-        attended = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
-        )
-        out[meta.decode_rows] = attended.squeeze(2)
+    if decoded is not None:
+        out[meta.decode_rows] = decoded
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_new)
-        queries = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        if chunk.context_len == chunk.num_new:  # nothing cached before: attend to the new tokens only
-            keys, values = k[rows], v[rows]
-            mask, is_causal = None, True
-        else:
-            keys = k_cache[chunk.block_table].view(-1, num_kv_heads, head_dim)[: chunk.context_len]
-            values = v_cache[chunk.block_table].view(-1, num_kv_heads, head_dim)[: chunk.context_len]
-            offset = chunk.context_len - chunk.num_new
-            query_pos = torch.arange(chunk.num_new, device=q.device)[:, None] + offset
-            mask = torch.arange(chunk.context_len, device=q.device)[None, :] <= query_pos
-            is_causal = False
-        attended = F.scaled_dot_product_attention(
-            queries,
-            keys.transpose(0, 1).unsqueeze(0),
-            values.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask,
-            is_causal=is_causal,
-            scale=scale,
-            enable_gqa=True,
-        )
-        out[rows] = attended.squeeze(0).transpose(0, 1)
+        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale)
     return out
+
+
+def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The single-token sequences together: [Bd, H, D]."""
+    num_seqs, (num_kv_heads, head_dim) = meta.decode_rows.numel(), k_cache.shape[2:]
+    # gather [Bd * max_blocks, block_size, Hkv, D] into reused buffers, seen as [Bd, Hkv, L, D]
+    gathered_shape = (meta.decode_block_ids.numel(), *k_cache.shape[1:])
+    keys = torch.index_select(k_cache, 0, meta.decode_block_ids, out=meta.workspace.take("keys", gathered_shape, k_cache))
+    values = torch.index_select(v_cache, 0, meta.decode_block_ids,
+                                out=meta.workspace.take("values", gathered_shape, v_cache))
+    keys = keys.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = values.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    queries = (q if meta.is_all_decode else q[meta.decode_rows]).unsqueeze(2)  # [Bd, H, 1, D]
+    attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask, scale=scale,
+                                              enable_gqa=True)
+    return attended.squeeze(2)
+
+
+def _prefill_attention(q, k, v, k_cache, v_cache, chunk: PrefillChunk, scale: float) -> torch.Tensor:
+    """One prompt chunk: q [n, H, D] attends causally to the sequence's cached and new keys."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    if chunk.context_len == chunk.num_new:  # nothing cached before: attend to the new tokens only
+        keys, values, mask = k, v, None
+    else:
+        keys = k_cache[chunk.block_table].view(-1, num_kv_heads, head_dim)[: chunk.context_len]
+        values = v_cache[chunk.block_table].view(-1, num_kv_heads, head_dim)[: chunk.context_len]
+        query_positions = torch.arange(chunk.num_new, device=q.device)[:, None] + chunk.context_len - chunk.num_new
+        mask = torch.arange(chunk.context_len, device=q.device)[None, :] <= query_positions
+    attended = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),  # [1, H, n, D]
+        keys.transpose(0, 1).unsqueeze(0),
+        values.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
+    )
+    return attended.squeeze(0).transpose(0, 1)

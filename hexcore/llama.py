@@ -102,9 +102,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)  # in float32, like the reference
+        return self.weight * normed.to(x.dtype)
 
 
 class LlamaAttention(nn.Module):

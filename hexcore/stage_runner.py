@@ -37,7 +37,7 @@ class StageRunner:
         inputs = self._receive(batch)
         started = time.perf_counter()
         meta = AttentionMetadata.build(batch.query_lens, batch.context_lens, batch.block_tables,
-                                       self.block_size, self.device, self._workspace)
+                                       self.block_size, self.device, self.model.cos.dtype, self._workspace)
         positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         hidden = self.model(inputs, positions, self.kv_caches, meta)  # [T, C]
         result = self._sample(batch, hidden) if self.is_last else self._send(hidden)
