@@ -68,7 +68,7 @@ FULL = Budget(
     is_thread_sweep=True,
     engine_shapes=SHAPES,
     engine_layer_counts=(30, 10),
-    num_engine_reps=8,
+    num_engine_reps=10,
 )
 QUICK = Budget(
     matmul_size=512,
@@ -121,7 +121,7 @@ class Calibration:
     def device_file(self, name: str) -> DeviceFile:
         compute = self.device_compute
         pair = self.links[0]  # two workers: the link the planner's alpha-beta model describes
-        fit = self.overheads or OverheadFit(compute.tflops, self.overhead_ms_per_layer, 0.0, 0.0)
+        fit = self.overheads or OverheadFit(compute.tflops, 1.0, self.overhead_ms_per_layer, 0.0, 0.0)
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
         return DeviceFile(
             name=name,
@@ -132,6 +132,7 @@ class Calibration:
             overhead_ms_per_layer=round(fit.ms_per_layer, 4),
             overhead_ms_per_step=round(fit.ms_per_step, 4),
             overhead_us_per_kv_token=round(fit.us_per_kv_token, 4),
+            gemm_weight_passes=round(fit.gemm_weight_passes, 3),
             source=f"hexgen calibrate, {date}, {os.cpu_count()} cores, {self.num_threads} thread(s) per worker, {self.dtype}",
             link=LinkSpec(
                 bandwidth_gbps=round(pair.p2p.bytes_per_second * 8 / 1e9, 3),
@@ -232,8 +233,8 @@ def render(calibration: Calibration, name: str) -> str:
         for t in c.engine:
             lines.append(f"#   {t.num_layers} layers, {t.shape.label}: {t.median_s * 1e3:.2f} ms (spread {t.spread:.0%}), "
                          f"fitted model {t.shape.step_time(fitted, t.num_layers) * 1e3:.2f} ms")
-        lines.append("#   tflops (the engine's effective compute), overhead_ms_per_layer, overhead_us_per_kv_token, "
-                     "overhead_ms_per_step:")
+        lines.append("#   tflops (the engine's effective compute), gemm_weight_passes, overhead_ms_per_layer, "
+                     "overhead_us_per_kv_token, overhead_ms_per_step:")
         lines.append("#   non-negative least squares of these minus their memory time (planning/calibrate_engine.py).")
     lines.append("# gloo between worker processes (1 thread each), alpha-beta fits of the mean time per call:")
     for link in c.links:

@@ -5,7 +5,7 @@ synthetic steps in this process, at two layer counts and several shapes. The cos
 time (weights and KV at the measured bandwidth) explains part of each step time; the rest is fitted,
 by non-negative least squares on relative errors, as
 
-    rest = flops / effective_compute
+    rest = flops / effective_compute + (gemm_weight_passes - 1) * weight_time [steps of 2+ tokens]
            + layers * (overhead_per_layer + overhead_per_kv_token * kv_read_tokens) + overhead_per_step
 
 which is how planning/cost_model.py adds them up on a cpu. The effective compute is what the engine's
@@ -82,8 +82,8 @@ def time_engine_stage(model_dir, dtype: str, num_threads: int, shapes, num_reps:
     device = torch.device("cpu")
     longest = max(s.num_seqs * -(-s.context_len // BLOCK_SIZE) for s in shapes)
     greedy = SeqSampling(SamplingParams(temperature=0.0, max_tokens=1), seed=0, num_generated=0)
-    timings = []
     with torch_threads(num_threads), torch.inference_mode():
+        runners = {}
         for num_layers in layer_counts:
             checkpoint = Checkpoint(model_dir, DTYPES[dtype], device)
             # the model's first `num_layers` layers as a whole model: embedding, layers, LM head
@@ -92,17 +92,20 @@ def time_engine_stage(model_dir, dtype: str, num_threads: int, shapes, num_reps:
             checkpoint.close()
             kv = allocate_kv_cache(num_layers, longest, BLOCK_SIZE, dims.num_kv_heads, dims.head_dim,
                                    DTYPES[dtype], device)
-            runner = StageRunner(stage, kv, SINGLE, 0, 0, (StageLayout(0, num_layers, (0,)),), BLOCK_SIZE, device)
-            for shape in shapes:
-                batch = _batch(shape, greedy)
-                seconds = []
-                for _ in range(num_reps + 1):  # the first is a warm-up
+            runners[num_layers] = StageRunner(stage, kv, SINGLE, 0, 0, (StageLayout(0, num_layers, (0,)),),
+                                              BLOCK_SIZE, device)
+        batches = [_batch(shape, greedy) for shape in shapes]
+        seconds: dict[tuple[int, int], list[float]] = {}
+        for rep in range(num_reps + 1):  # the first is a warm-up; interleaved, so load changes hit all alike
+            for i, batch in enumerate(batches):
+                for num_layers, runner in runners.items():
                     started = time.perf_counter()
                     runner.run(batch)
-                    seconds.append(time.perf_counter() - started)
-                reps = seconds[1:]
-                timings.append(StageTiming(shape, num_layers, float(np.median(reps)), (max(reps) - min(reps)) / min(reps)))
-    return timings
+                    if rep:
+                        seconds.setdefault((i, num_layers), []).append(time.perf_counter() - started)
+    return [StageTiming(shape, num_layers, float(np.median(reps)), (max(reps) - min(reps)) / min(reps))
+            for num_layers in layer_counts for i, shape in enumerate(shapes)
+            for reps in [seconds[(i, num_layers)]]]
 
 
 def _batch(shape: StepShape, sampling):
@@ -119,28 +122,34 @@ def _batch(shape: StepShape, sampling):
 @dataclass(frozen=True)
 class OverheadFit:
     tflops: float  # effective compute of the engine's stage
+    gemm_weight_passes: float
     ms_per_layer: float
     us_per_kv_token: float
     ms_per_step: float
 
 
 def fit_overheads(timings: list[StageTiming], model: ModelSpec, device: DeviceSpec) -> OverheadFit:
-    """Non-negative least squares of (measured - memory time) over the four terms, each row scaled by
-    1 / measured so short and long steps count alike. With four unknowns the exact NNLS is the best
-    of the unconstrained fits, over every subset of terms, whose coefficients are all non-negative.
-    The flops of a step are read off the cost model itself: its time at 1 TFLOPS with infinite
-    bandwidth, no overheads."""
-    bare = {"overhead_ms_per_layer": 0.0, "overhead_ms_per_step": 0.0, "overhead_us_per_kv_token": 0.0}
+    """Non-negative least squares of (measured - one weight pass and the KV reads at the measured
+    bandwidth) over the five terms, each row scaled by 1 / measured so short and long steps count alike.
+    The exact NNLS with so few unknowns: the best of the unconstrained fits, over every subset of terms
+    that includes compute, whose coefficients are all non-negative. A term's regressor is read off the
+    cost model itself (e.g. flops: its time at 1 TFLOPS with infinite bandwidth and no overheads)."""
+    bare = {"overhead_ms_per_layer": 0.0, "overhead_ms_per_step": 0.0, "overhead_us_per_kv_token": 0.0,
+            "gemm_weight_passes": 1.0}
     link = LinkSpec(bandwidth_gbps=1, latency_ms=0)
-    memory_only = StageCost(model, device.model_copy(update={**bare, "tflops": 1e12}), 1, link, True, True)
-    compute_only = StageCost(model, device.model_copy(update={**bare, "tflops": 1.0, "mem_bandwidth_gbs": 1e12}),
-                             1, link, True, True)
+
+    def cost(**update) -> StageCost:
+        return StageCost(model, device.model_copy(update={**bare, **update}), 1, link, True, True)
+
+    memory_only, two_passes = cost(tflops=1e12), cost(tflops=1e12, gemm_weight_passes=2.0)
+    compute_only = cost(tflops=1.0, mem_bandwidth_gbs=1e12)
     rows, rest = [], []
     for t in timings:
-        s = t.shape
-        rows.append([s.step_time(compute_only, t.num_layers), t.num_layers,
-                     t.num_layers * s.num_seqs * s.context_len, 1.0])  # flops / 1e12, layers, KV reads, 1
-        rest.append(t.median_s - s.step_time(memory_only, t.num_layers))
+        s, layers = t.shape, t.num_layers
+        memory = s.step_time(memory_only, layers)
+        rows.append([s.step_time(compute_only, layers), s.step_time(two_passes, layers) - memory,
+                     layers, layers * s.num_seqs * s.context_len, 1.0])
+        rest.append(t.median_s - memory)
     weights = 1.0 / np.array([t.median_s for t in timings])
     a, b = np.array(rows) * weights[:, None], np.array(rest) * weights
     num_terms = a.shape[1]
@@ -158,5 +167,6 @@ def fit_overheads(timings: list[StageTiming], model: ModelSpec, device: DeviceSp
                     best, best_error = coefficients, error
     if best is None:
         raise ValueError("the engine's stage timings fit no non-negative cost model (steps faster than memory allows?)")
-    return OverheadFit(tflops=float(1.0 / best[0]), ms_per_layer=float(best[1] * 1e3),
-                       us_per_kv_token=float(best[2] * 1e6), ms_per_step=float(best[3] * 1e3))
+    return OverheadFit(tflops=float(1.0 / best[0]), gemm_weight_passes=float(1.0 + best[1]),
+                       ms_per_layer=float(best[2] * 1e3), us_per_kv_token=float(best[3] * 1e6),
+                       ms_per_step=float(best[4] * 1e3))

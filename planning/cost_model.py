@@ -5,7 +5,8 @@ stage of `tp` devices holding `layers` consecutive layers, per device (the slowe
 group sets the pace, so a group is described by its slowest figures):
 
     flops per layer   = (2 * P * num_tokens + 4 * H * attended_pairs) / tp
-    bytes per layer   = (P * B + kv_bytes_per_token * kv_read_tokens) / tp
+    bytes per layer   = (P * B * passes + kv_bytes_per_token * kv_read_tokens) / tp
+                        passes = 1 for one token, gemm_weight_passes for more (see below)
     layer time        = max(flops / compute, bytes / mem_bandwidth)            (roofline, kind cuda)
                         or flops / compute + bytes / mem_bandwidth             (kind cpu, see below)
                         + 2 * allreduce(num_tokens * H * B)                     (attention and MLP outputs)
@@ -18,8 +19,11 @@ group sets the pace, so a group is described by its slowest figures):
 A CPU core hardly overlaps streaming weights with computing on them (one thread does both, and small
 batches run as GEMV-like kernels), so on `kind: cpu` the two terms add up: measured one-layer decode
 on this project's 2-core machine is within 3-50% of the sum, but 1.7-3.4x the maximum. The per-KV-token
-overhead is the paged attention's gather and masking beyond the raw KV bytes; calibration fits it,
-with the per-layer and per-step overheads, to the engine's own stage (planning/calibrate_engine.py).
+overhead is the paged attention's gather and masking beyond the raw KV bytes. A step of several
+tokens runs GEMM kernels that pack the weights before multiplying, one token a GEMV that streams them
+once: on this machine going from 1 to 2 decoding sequences costs about as much as another weight pass.
+Calibration fits the passes, the three overheads and the effective compute to the engine's own stage
+(planning/calibrate_engine.py); GPUs keep the defaults (one pass, no overheads).
 
 P = parameters of one layer (ModelSpec.params_per_layer: Q/O, K/V sized by KV heads, gated MLP of the
 model's intermediate size), H = hidden size, B = bytes per element, V = vocabulary size.
@@ -72,6 +76,7 @@ def slowest(devices: list[DeviceSpec]) -> DeviceSpec:
         overhead_ms_per_layer=max(d.overhead_ms_per_layer for d in devices),
         overhead_ms_per_step=max(d.overhead_ms_per_step for d in devices),
         overhead_us_per_kv_token=max(d.overhead_us_per_kv_token for d in devices),
+        gemm_weight_passes=max(d.gemm_weight_passes for d in devices),
     )
 
 
@@ -88,7 +93,8 @@ class StageCost:
 
     def layer_time(self, num_tokens: float, attended_pairs: float, kv_read_tokens: float) -> float:
         c = self._coefficients
-        flops, memory = num_tokens * c[0] + attended_pairs * c[1], c[2] + kv_read_tokens * c[3]
+        weights = c[2] if num_tokens <= 1 else c[2] * c[7]
+        flops, memory = num_tokens * c[0] + attended_pairs * c[1], weights + kv_read_tokens * c[3]
         compute = flops + memory if self._is_additive else max(flops, memory)
         return compute + c[4] + num_tokens * c[5] + kv_read_tokens * c[6]
 
@@ -102,7 +108,7 @@ class StageCost:
         """The formulas above as seconds per unit (the simulator calls layer_time millions of times):
         flops per token and per attended pair, bytes fixed and per KV token (each over the device's
         rate), then the all-reduce pair's fixed part (plus the per-layer overhead) and per-token part,
-        and the attention overhead per KV token read."""
+        the attention overhead per KV token read, and the weight passes of a multi-token step."""
         m, d, tp = self.model, self.device, self.tp
         token_bytes = m.hidden_size * m.dtype_bytes
         allreduce_fixed = 2 * allreduce_time(0.0, tp, self.tp_link)
@@ -115,6 +121,7 @@ class StageCost:
             allreduce_fixed + d.overhead_ms_per_layer / 1e3,
             allreduce_per_token,
             d.overhead_us_per_kv_token / 1e6 / tp,
+            d.gemm_weight_passes,
         )
 
     def fixed_time(self, num_sampled: float) -> float:
@@ -122,6 +129,8 @@ class StageCost:
         overhead, head_per_sample, head_bytes = self._fixed_coefficients
         if head_bytes and num_sampled > 0:
             flops = num_sampled * head_per_sample
+            if num_sampled > 1:
+                head_bytes *= self.device.gemm_weight_passes
             return overhead + (flops + head_bytes if self._is_additive else max(flops, head_bytes))
         return overhead
 

@@ -103,14 +103,15 @@ def test_allreduce_latency_is_taken_per_group_size_where_measured():
 
 
 def test_overhead_fit_recovers_the_parameters_that_made_the_timings():
-    truth = DEVICE.device().model_copy(update={"tflops": 0.05, "overhead_ms_per_layer": 0.7,
+    truth = DEVICE.device().model_copy(update={"tflops": 0.05, "overhead_ms_per_layer": 0.7, "gemm_weight_passes": 2.5,
                                                "overhead_us_per_kv_token": 1.5, "overhead_ms_per_step": 3.0})
     measured_device = truth.model_copy(update={"tflops": 0.08})  # the microbenchmark's figure: too fast
     stage = StageCost(SMOLLM, truth, 1, LINK, True, True)
-    shapes = [CalibrationShape(1, 1, 128), CalibrationShape(8, 1, 96), CalibrationShape(1, 64, 64)]
+    shapes = [CalibrationShape(1, 1, 128), CalibrationShape(8, 1, 96), CalibrationShape(1, 64, 64),
+              CalibrationShape(16, 1, 128)]
     timings = [StageTiming(s, layers, s.step_time(stage, layers), 0.0) for layers in (30, 10) for s in shapes]
     fit = fit_overheads(timings, SMOLLM, measured_device)
-    assert fit.tflops == pytest.approx(0.05, rel=1e-6)
+    assert fit.tflops == pytest.approx(0.05, rel=1e-6) and fit.gemm_weight_passes == pytest.approx(2.5, rel=1e-6)
     assert (fit.ms_per_layer, fit.us_per_kv_token, fit.ms_per_step) == pytest.approx((0.7, 1.5, 3.0), rel=1e-6)
 
 
@@ -123,3 +124,12 @@ def test_workers_beyond_the_cores_share_them():
     (shared,) = predicted_costs(deployment_config("TP3"), DEVICE, num_cores=2)
     decode = StepShape(query_lens=(1,), context_lens=(64,), num_sampled=1)
     assert step_seconds(shared, decode) > step_seconds(alone, decode)
+
+
+def test_steps_of_several_tokens_stream_the_weights_gemm_weight_passes_times():
+    bare = DeviceSpec(memory_gb=12, tflops=1e6, mem_bandwidth_gbs=18, kind="cpu")
+    one, two = (StageCost(SMOLLM, bare.model_copy(update={"gemm_weight_passes": p}), 1, LINK, False, False)
+                for p in (1.0, 2.0))
+    weight_time = SMOLLM.layer_bytes / bare.bandwidth_bytes
+    assert two.decode_time(1, 1, 0) == pytest.approx(one.decode_time(1, 1, 0))  # one token: a GEMV, one pass
+    assert two.decode_time(1, 2, 0) - one.decode_time(1, 2, 0) == pytest.approx(weight_time, rel=1e-3)
