@@ -62,8 +62,8 @@ def make_prompts(num_prompts: int, prompt_len: int, vocab_size: int, seed: int) 
 def balanced_first_stage_layers(num_layers: int) -> int:
     """Layers of the first of two stages: one more than half, since the last stage also runs the final
     norm and the LM head. Measured on SmolLM2 (per-stage compute in this benchmark's output): the tied
-    49152x576 head costs about 1-3 decoder layers of time per decode step, although it holds 8 layers'
-    worth of weights (one large GEMM runs far more efficiently than the layers' skinny ones)."""
+    49152x576 head costs about 3 decoder layers of time per step, although it holds 8 layers' worth
+    of weights (one large GEMM runs far more efficiently than the layers' skinny ones)."""
     return num_layers // 2 + 1
 
 
