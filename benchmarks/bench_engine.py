@@ -23,7 +23,11 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
+# HF runs in this process: give its OpenMP threads the wait policy the engine's workers get
+# (hexcore.devices.WORKER_ENVIRONMENT), before torch loads OpenMP, so both sides are measured alike.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from hexcore.config import parse_config
 from hexcore.llm import LLM
