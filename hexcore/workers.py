@@ -72,7 +72,8 @@ class ReplicaWorkers:
                     process = self.processes[spec.rank]
                     process.join(timeout=5)
                     raise WorkerStartupError(
-                        f"{spec.label} exited with code {process.exitcode} during startup") from None
+                        f"{spec.label} exited with code {process.exitcode} during startup (its stderr above says "
+                        f"why; a script that starts workers needs an `if __name__ == '__main__':` guard)") from None
                 if isinstance(message, WorkerFailed):
                     raise WorkerStartupError(f"{message.label} failed during startup: {message.error}")
                 assert isinstance(message, WorkerReady), message
