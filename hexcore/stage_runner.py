@@ -72,6 +72,8 @@ class StageRunner:
                        for row in range(end - n + scoring.first_row, end - n + scoring.first_row + len(scoring.target_ids))]
         rows = sample_rows + prompt_rows
         logits = self.model.logits(hidden[rows]) if rows else None  # every TP rank joins the gather
+        if logits is not None:
+            logits = logits.cpu()  # the sampler draws with CPU generators, the same on every device
         if not self.tp.is_leader:
             return None
         specs = [spec for spec in batch.sampling if spec is not None]
