@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+SpecT = TypeVar("SpecT", bound=BaseModel)
 _DEVICE_RE = re.compile(r"^(?:(?P<node>[A-Za-z0-9_.\-]+)/)?(?P<kind>cpu|cuda)(?::(?P<index>\d+))?$")
 
 
@@ -145,21 +146,31 @@ class DeploymentConfig(_Spec):
 
 def load_config(path: str | Path) -> DeploymentConfig:
     """Read and validate a deployment YAML file (the schema only; see `check_against_model`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"deployment file {str(path)!r} not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"deployment file {str(path)!r} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"deployment file {str(path)!r} must hold a mapping at top level")
-    return parse_config(raw, source=str(path))
+    return load_yaml_spec(path, DeploymentConfig, "deployment file")
 
 
 def parse_config(raw: dict, source: str = "deployment config") -> DeploymentConfig:
+    return validate_spec(raw, DeploymentConfig, source)
+
+
+def load_yaml_spec(path: str | Path, spec_class: type[SpecT], what: str) -> SpecT:
+    """Read a YAML file holding one mapping and validate it as `spec_class`. Every problem is a
+    ValueError naming the file and the offending keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} not found")
     try:
-        return DeploymentConfig.model_validate(raw)
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{what} {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} {str(path)!r} must hold a mapping at top level")
+    return validate_spec(raw, spec_class, f"{what} {str(path)!r}")
+
+
+def validate_spec(raw: dict, spec_class: type[SpecT], source: str) -> SpecT:
+    try:
+        return spec_class.model_validate(raw)
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from planning.devices import GPU_CATALOG, DeviceSpec, LinkSpec, _problems, load_device_file
+from hexcore.config import load_yaml_spec
+from planning.devices import GPU_CATALOG, DeviceSpec, LinkSpec, load_device_file
 
 
 class _Spec(BaseModel):
@@ -155,17 +155,8 @@ def build_cluster(spec: ClusterSpec, base_dir: str | Path = ".") -> Cluster:
 
 def load_cluster(path: str | Path) -> Cluster:
     """Read, validate and resolve a cluster YAML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"cluster file {str(path)!r} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"cluster file {str(path)!r} must hold a mapping at top level")
-    try:
-        spec = ClusterSpec.model_validate(raw)
-    except ValidationError as err:
-        raise ValueError(f"invalid cluster file {str(path)!r}: {_problems(err)}") from None
-    return build_cluster(spec, path.parent)
+    spec = load_yaml_spec(path, ClusterSpec, "cluster file")
+    return build_cluster(spec, Path(path).parent)
 
 
 def _find(relative: str, base_dir: str | Path) -> Path:

@@ -30,8 +30,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from hexcore.config import load_yaml_spec
 
 GB = 1e9
 
@@ -131,17 +132,4 @@ class DeviceFile(DeviceSpec):
 
 def load_device_file(path: str | Path) -> DeviceFile:
     """Read a device spec file (as written by `hexgen calibrate`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"device spec file {str(path)!r} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"device spec file {str(path)!r} must hold a mapping")
-    try:
-        return DeviceFile.model_validate(raw)
-    except ValidationError as err:
-        raise ValueError(f"invalid device spec file {str(path)!r}: {_problems(err)}") from None
-
-
-def _problems(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors())
+    return load_yaml_spec(path, DeviceFile, "device spec file")

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from planning.devices import _problems
+from hexcore.config import load_yaml_spec
+
 
 
 class WorkloadSpec(BaseModel):
@@ -76,13 +76,4 @@ def make_requests(workload: WorkloadSpec) -> list[Request]:
 
 
 def load_workload(path: str | Path) -> WorkloadSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"workload file {str(path)!r} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"workload file {str(path)!r} must hold a mapping at top level")
-    try:
-        return WorkloadSpec.model_validate(raw)
-    except ValidationError as err:
-        raise ValueError(f"invalid workload file {str(path)!r}: {_problems(err)}") from None
+    return load_yaml_spec(path, WorkloadSpec, "workload file")
