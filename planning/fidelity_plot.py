@@ -12,25 +12,19 @@ def plot_rows(rows: list[Row], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     deployments = list(dict.fromkeys(row.deployment for row in rows))
     markers = "osD^v<>"
     fig, axes = plt.subplots(2, 4, figsize=(14, 7))
     for ax, metric in zip(axes.flat, METRICS):
         points = [row for row in rows if row.metric == metric]
-        values = [v for row in points for v in (row.predicted, row.measured)]
-        low, high = min(values) * 0.6, max(values) * 1.6
-        ax.fill_between([low, high], [low * 0.7, high * 0.7], [low * 1.3, high * 1.3], color="0.9", label="±30%")
-        ax.plot([low, high], [low, high], color="0.5", lw=1)
+        high = max(v for row in points for v in (row.predicted, row.measured)) * 1.25
+        ax.fill_between([0, high], [0, high * 0.7], [0, high * 1.3], color="0.9", label="±30%")
+        ax.plot([0, high], [0, high], color="0.5", lw=1)
         for row in points:
             i = deployments.index(row.deployment)
             ax.scatter(row.measured, row.predicted, marker=markers[i % len(markers)], s=40, label=row.deployment)
-        ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high), title=metric,
-               xlabel="measured", ylabel="predicted")
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(FormatStrFormatter("%g"))
-            axis.set_minor_formatter(NullFormatter())
+        ax.set(xlim=(0, high), ylim=(0, high), title=metric, xlabel="measured", ylabel="predicted")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     axes.flat[-1].axis("off")
     axes.flat[-1].legend(handles, labels, loc="center")
