@@ -3,7 +3,7 @@ names the offending parameter (`err.param`), so the HTTP layer can answer 400 wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class InvalidParameter(ValueError):
@@ -31,7 +31,6 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives per sampled token (0: only the sampled one)
     prompt_logprobs: int | None = None  # same, for every prompt token (echo + logprobs scoring)
     skip_special_tokens: bool = True
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop))
@@ -66,7 +65,3 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
-
-    @property
-    def num_top_logprobs(self) -> int:
-        return self.logprobs or 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from hexcore.outputs import TokenLogprob
 from hexcore.sampling_params import SamplingParams
 
 
@@ -70,11 +69,3 @@ class Sequence:
     def max_total_tokens(self) -> int:
         """The most tokens this sequence can ever hold in the cache."""
         return self.num_prompt_tokens + self.max_tokens
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """A token sampled for a sequence, as it comes back from the last stage."""
-
-    seq: Sequence
-    token: TokenLogprob

@@ -27,7 +27,7 @@ class StageRunner:
         self.source = None if is_first else source_rank(stages[stage_index - 1], stage, tp.rank)
         self.is_last = is_last
         self.destinations = [] if is_last else destination_ranks(stage, stages[stage_index + 1], tp.rank)
-        self._pending_sends: list = []
+        self._pending_sends: tuple[torch.Tensor | None, list] = (None, [])
         self._workspace = GatherWorkspace()
         self.busy_seconds = 0.0
         self.num_steps = 0
@@ -59,11 +59,11 @@ class StageRunner:
         return hidden
 
     def _send(self, hidden: torch.Tensor) -> None:
-        for work in self._pending_sends:  # the previous step's sends must be done before new ones
+        """Non-blocking, so this stage moves on to its next micro-batch; the buffer stays referenced
+        until the sends are waited for, before the next step's sends."""
+        for work in self._pending_sends[1]:
             work.wait()
-        self._pending_sends = [dist.isend(hidden, dst=rank) for rank in self.destinations]
-        self._last_sent = hidden  # keep the buffer alive until its sends complete
-        return None
+        self._pending_sends = (hidden, [dist.isend(hidden, dst=rank) for rank in self.destinations])
 
     def _sample(self, batch: StepBatch, hidden: torch.Tensor) -> StepResult | None:
         ends = torch.tensor(batch.query_lens).cumsum(0).tolist()
