@@ -97,12 +97,12 @@ def run_engine(name: str, config: dict, prompts: list[list[int]], params: Sampli
         llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
         replica = llm.core.replicas[0]
         before_workers = _fresh_worker_stats(llm)
-        before = (replica.num_steps, replica.step_seconds)
+        before = (replica.metrics.num_steps, replica.metrics.step_seconds)
         started = time.perf_counter()
         results = llm.generate(prompts, params)
         seconds = time.perf_counter() - started
         after_workers = _fresh_worker_stats(llm)
-        num_steps = replica.num_steps - before[0]
+        num_steps = replica.metrics.num_steps - before[0]
         stats = llm.core.stats().replicas[0]
         ranks_by_stage = [list(stage.ranks) for stage in replica.plan.workers[0].stages]
     output_tokens = sum(len(r.token_ids) for r in results)
@@ -111,7 +111,7 @@ def run_engine(name: str, config: dict, prompts: list[list[int]], params: Sampli
     engine = {
         "num_steps": num_steps,
         "wall_ms_per_step": 1e3 * seconds / num_steps,
-        "mean_step_latency_ms": 1e3 * (replica.step_seconds - before[1]) / num_steps,  # submit to result
+        "mean_step_latency_ms": 1e3 * (replica.metrics.step_seconds - before[1]) / num_steps,  # submit to result
         "stage_busy_fraction": [max(busy[r] for r in ranks) / seconds for ranks in ranks_by_stage],
         "stage_compute_ms_per_step": [1e3 * max(busy[r] for r in ranks) / num_steps for ranks in ranks_by_stage],
         "num_preemptions": stats.num_preemptions,

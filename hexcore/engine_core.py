@@ -194,10 +194,10 @@ class EngineCore:
 
     @staticmethod
     def _record_latency(request: _Request, num_generated: int) -> None:
-        now, replica = time.monotonic(), request.replica
-        replica.ttft_seconds.append(request.first_token_time - request.arrival_time)
+        now, metrics = time.monotonic(), request.replica.metrics
+        metrics.ttft_seconds.append(request.first_token_time - request.arrival_time)
         if num_generated > 1:
-            replica.tpot_seconds.append((now - request.first_token_time) / (num_generated - 1))
+            metrics.tpot_seconds.append((now - request.first_token_time) / (num_generated - 1))
 
     def _collect_outputs(self) -> list[RequestOutput]:
         outputs = []
@@ -249,14 +249,15 @@ class EngineCore:
         now = time.monotonic()
         replicas = []
         for r in self.replicas:
-            wall = max(1e-9, now - r.started_at)
+            m = r.metrics
+            wall = max(1e-9, now - m.started_at)
             busy = [max((r.workers.stats[rank].busy_seconds for rank in stage.ranks if rank in r.workers.stats),
                         default=0.0) / wall for stage in r.plan.workers[0].stages]
             replicas.append(ReplicaStats(
                 name=r.name, num_running=len(r.scheduler.running), num_waiting=len(r.scheduler.waiting),
                 num_kv_blocks_used=r.block_manager.num_used_blocks, num_kv_blocks_total=r.block_manager.num_blocks,
-                num_preemptions=r.scheduler.num_preemptions, num_prompt_tokens=r.num_prompt_tokens,
-                num_generated_tokens=r.num_generated_tokens, num_steps=r.num_steps,
-                mean_step_seconds=r.step_seconds / max(1, r.num_steps), stage_busy_fraction=busy,
-                ttft_seconds=list(r.ttft_seconds), tpot_seconds=list(r.tpot_seconds)))
+                num_preemptions=r.scheduler.num_preemptions, num_prompt_tokens=m.num_prompt_tokens,
+                num_generated_tokens=m.num_generated_tokens, num_steps=m.num_steps,
+                mean_step_seconds=m.step_seconds / max(1, m.num_steps), stage_busy_fraction=busy,
+                ttft_seconds=list(m.ttft_seconds), tpot_seconds=list(m.tpot_seconds)))
         return EngineStats(replicas)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hexcore.block_manager import BlockManager
 from hexcore.config import EngineSpec
@@ -24,6 +24,32 @@ class InFlightStep:
     batch: StepBatch
     scheduled: list[ScheduledSeq]
     submitted_at: float
+
+
+@dataclass
+class ReplicaMetrics:
+    """What a replica has done since it started: read by the router and the engine's stats."""
+
+    started_at: float = field(default_factory=time.monotonic)
+    num_steps: int = 0
+    step_seconds: float = 0.0  # summed submit-to-result latency of the steps
+    busy_seconds: float = 0.0  # wall time with at least one step in flight
+    num_prompt_tokens: int = 0  # prompt tokens computed (prefill work)
+    num_generated_tokens: int = 0
+    ttft_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))  # recent finished requests
+    tpot_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))
+    busy_since: float = 0.0
+
+    def step_submitted(self, was_idle: bool) -> None:
+        if was_idle:
+            self.busy_since = time.monotonic()
+
+    def step_completed(self, submitted_at: float, is_idle: bool) -> None:
+        now = time.monotonic()
+        self.num_steps += 1
+        self.step_seconds += now - submitted_at
+        if is_idle:
+            self.busy_seconds += now - self.busy_since
 
 
 @dataclass(frozen=True)
@@ -44,20 +70,11 @@ class Replica:
         self.num_micro_batches = plan.num_micro_batches
         self.in_flight: deque[InFlightStep] = deque()
         self._next_step_id = 0
-        # metrics
-        self.num_steps = 0
-        self.step_seconds = 0.0  # summed submit-to-result latency of the steps
-        self.busy_seconds = 0.0  # wall time with at least one step in flight
-        self._busy_since = 0.0
-        self.num_prompt_tokens = 0  # computed prompt tokens (prefill work)
-        self.num_generated_tokens = 0
-        self.started_at = time.monotonic()
-        self.ttft_seconds: deque[float] = deque(maxlen=4096)
-        self.tpot_seconds: deque[float] = deque(maxlen=4096)
+        self.metrics = ReplicaMetrics()
 
     def start(self) -> None:
         self.workers.start()
-        self.started_at = time.monotonic()
+        self.metrics = ReplicaMetrics()
 
     @property
     def has_work(self) -> bool:
@@ -73,18 +90,13 @@ class Replica:
                 return
             batch = self._build_batch(scheduled)
             self.workers.submit(batch)
-            if not self.in_flight:
-                self._busy_since = time.monotonic()
+            self.metrics.step_submitted(was_idle=not self.in_flight)
             self.in_flight.append(InFlightStep(batch, scheduled, time.monotonic()))
 
     def complete(self, result: StepResult) -> list[SeqResult]:
         step = self.in_flight.popleft()
         assert step.batch.step_id == result.step_id, "steps complete in the order they were submitted"
-        now = time.monotonic()
-        self.num_steps += 1
-        self.step_seconds += now - step.submitted_at
-        if not self.in_flight:
-            self.busy_seconds += now - self._busy_since
+        self.metrics.step_completed(step.submitted_at, is_idle=not self.in_flight)
         results = []
         for item, token, prompt_logprobs in zip(step.scheduled, result.tokens, result.prompt_logprobs):
             seq = item.seq
@@ -95,8 +107,8 @@ class Replica:
             self.block_manager.register_computed(seq)
             if prompt_logprobs is not None:
                 seq.num_prompt_logprobs_done += len(prompt_logprobs)
-            self.num_prompt_tokens += max(0, min(item.end, seq.num_prompt_tokens) - item.start)
-            self.num_generated_tokens += token is not None
+            self.metrics.num_prompt_tokens += max(0, min(item.end, seq.num_prompt_tokens) - item.start)
+            self.metrics.num_generated_tokens += token is not None
             results.append(SeqResult(seq, token, prompt_logprobs))
         return results
 

@@ -21,9 +21,10 @@ def queued_tokens(replica: Replica) -> int:
 
 
 def measured_capacity(replica: Replica) -> float | None:
-    if replica.num_steps < 8 or replica.busy_seconds <= 0:
+    metrics = replica.metrics
+    if metrics.num_steps < 8 or metrics.busy_seconds <= 0:
         return None
-    return (replica.num_prompt_tokens + replica.num_generated_tokens) / replica.busy_seconds
+    return (metrics.num_prompt_tokens + metrics.num_generated_tokens) / metrics.busy_seconds
 
 
 class Router:

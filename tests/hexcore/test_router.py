@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from hexcore.block_manager import BlockManager
+from hexcore.replica import ReplicaMetrics
 from hexcore.router import Router
 from hexcore.sampling_params import SamplingParams
 from hexcore.scheduler import Scheduler
@@ -15,8 +16,7 @@ def replica(name: str, predicted: float | None = None, num_blocks: int = 100):
     blocks = BlockManager(num_blocks, 16)
     spec = SimpleNamespace(predicted_throughput_rps=predicted)
     return SimpleNamespace(name=name, plan=SimpleNamespace(spec=spec), block_manager=blocks,
-                           scheduler=Scheduler(blocks, 64, 512), num_steps=0, busy_seconds=0.0,
-                           num_prompt_tokens=0, num_generated_tokens=0)
+                           scheduler=Scheduler(blocks, 64, 512), metrics=ReplicaMetrics())
 
 
 def request(seq_id: int, num_prompt: int = 10, max_tokens: int = 10) -> list[Sequence]:
@@ -47,7 +47,7 @@ def test_without_predictions_replicas_share_equally():
 def test_measured_throughput_is_used_once_every_replica_has_run():
     fast, slow = replica("fast"), replica("slow")
     for r, tokens in ((fast, 4000), (slow, 1000)):
-        r.num_steps, r.busy_seconds, r.num_generated_tokens = 10, 1.0, tokens
+        r.metrics.num_steps, r.metrics.busy_seconds, r.metrics.num_generated_tokens = 10, 1.0, tokens
     assert route(Router([fast, slow]), 50) == {"fast": 40, "slow": 10}
 
 
