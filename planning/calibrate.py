@@ -226,8 +226,8 @@ def render(calibration: Calibration, name: str) -> str:
         )
     lines.append("#   (the cost model without its overheads; cpu: compute + memory time, see planning/cost_model.py)")
     if c.engine:
-        lines.append(f"# The engine's own stage (hexcore StageRunner, embedding + N layers + LM head + sampling), "
-                     f"median of the repetitions:")
+        lines.append("# The engine's own stage (hexcore StageRunner, embedding + N layers + LM head + sampling), "
+                     "median of the repetitions:")
         model = BUILTIN_MODELS[MODEL_NAME].with_dtype(c.dtype)
         fitted = StageCost(model, c.device_file(name).device(), 1, LinkSpec(bandwidth_gbps=1, latency_ms=0), True, True)
         for t in c.engine:

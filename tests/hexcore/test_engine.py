@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 from hexcore.config import parse_config
-from hexcore.engine_core import EngineCore
 from hexcore.llm import LLM
 from hexcore.sampling_params import InvalidParameter, SamplingParams
 from tests.conftest import deployment
