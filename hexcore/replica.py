@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from hexcore.block_manager import BlockManager
 from hexcore.config import EngineSpec
@@ -71,6 +72,7 @@ class Replica:
         self.in_flight: deque[InFlightStep] = deque()
         self._next_step_id = 0
         self.metrics = ReplicaMetrics()
+        self.step_observers: list[Callable[[StepBatch], None]] = []  # e.g. measurement tools
 
     def start(self) -> None:
         self.workers.start()
@@ -90,6 +92,8 @@ class Replica:
                 return
             batch = self._build_batch(scheduled)
             self.workers.submit(batch)
+            for observe in self.step_observers:
+                observe(batch)
             self.metrics.step_submitted(was_idle=not self.in_flight)
             self.in_flight.append(InFlightStep(batch, scheduled, time.monotonic()))
 

@@ -105,16 +105,14 @@ def run_trace(config: DeploymentConfig, requests: list[Request], seed: int = 0) 
 
 
 def _record_submits(replica, shapes: dict[tuple[str, int], StepShape]) -> None:
-    """Wrap the replica's submit so that every step's composition is kept by step id."""
-    submit = replica.workers.submit
+    """Keep every step's composition by step id, as the replica submits it."""
 
-    def recording_submit(batch) -> None:
+    def record(batch) -> None:
         num_sampled = sum(spec is not None for spec in batch.sampling)
         shapes[(replica.name, batch.step_id)] = StepShape(tuple(batch.query_lens), tuple(batch.context_lens),
                                                           num_sampled)
-        submit(batch)
 
-    replica.workers.submit = recording_submit
+    replica.step_observers.append(record)
 
 
 class _WorkerIntervals:
