@@ -35,7 +35,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
 
 # aten op name -> category; first matching prefix wins (self CPU time is summed per category).
 CATEGORIES = (
-    ("linear (matmul)", ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("linear (matmul)", ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear",
+                         "mkldnn::_linear_pointwise")),
     ("KV gather (cache[block_tables])", ("aten::index",)),
     ("attention (SDPA)", ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_softmax",
                           "aten::softmax", "aten::baddbmm", "aten::masked_fill", "aten::where",

@@ -122,10 +122,11 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
                                 out=meta.workspace.take("values", gathered_shape, v_cache))
     keys = keys.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     values = values.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-    queries = (q if meta.is_all_decode else q[meta.decode_rows]).unsqueeze(2)  # [Bd, H, 1, D]
-    attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask, scale=scale,
-                                              enable_gqa=True)
-    return attended.squeeze(2)
+    queries = q if meta.is_all_decode else q[meta.decode_rows]  # [Bd, H, D]
+    # the query heads sharing a KV head attend as that head's rows: [Bd, Hkv, H / Hkv, D]
+    grouped = queries.view(num_seqs, num_kv_heads, -1, head_dim)
+    attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.decode_mask, scale=scale)
+    return attended.reshape(num_seqs, -1, head_dim)
 
 
 def _prefill_attention(q, k, v, k_cache, v_cache, chunk: PrefillChunk, scale: float) -> torch.Tensor:

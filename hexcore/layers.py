@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hexcore.devices import linear_kernel
 from hexcore.parallel import TPGroup
 
 
@@ -16,10 +17,10 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # [out_features / tp, in_features]
+        self.matmul = linear_kernel(weight)  # weight: [out_features / tp, in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return self.matmul(x)
 
 
 class RowParallelLinear(nn.Module):
@@ -27,11 +28,11 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, tp: TPGroup):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # [out_features, in_features / tp]
+        self.matmul = linear_kernel(weight)  # weight: [out_features, in_features / tp]
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(self.matmul(x))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -60,14 +61,14 @@ class VocabParallelLMHead(nn.Module):
 
     def __init__(self, weight: torch.Tensor, vocab_size: int, shard_size: int, tp: TPGroup):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # [<= shard_size, hidden]
+        self.matmul = linear_kernel(weight)  # weight: [<= shard_size, hidden]
         self.vocab_size = vocab_size
         self.shard_size = shard_size
         self.tp = tp
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [N, hidden] -> logits [N, vocab] on the leader, None elsewhere."""
-        logits = F.linear(hidden, self.weight).float()
+        logits = self.matmul(hidden).float()
         if self.tp.size == 1:
             return logits
         padding = self.shard_size - logits.shape[-1]
