@@ -82,17 +82,20 @@ class RopeSpec:
         return cls(tuple(rotary.inv_freq.float().tolist()), float(rotary.attention_scaling))
 
     def tables(self, max_len: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [max_len, D] for positions 0 .. max_len-1."""
+        """cos, signed sin: [max_len, D] for positions 0 .. max_len-1. The sin table's first half is
+        negated, so that rotating x is x * cos + roll(x, D/2) * signed_sin (see `apply_rope`)."""
         inv_freq = torch.tensor(self.inv_freq, dtype=torch.float)
         freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
+        sign = torch.cat((-torch.ones_like(inv_freq), torch.ones_like(inv_freq)))
         scaling = self.attention_scaling
-        return (angles.cos() * scaling).to(device, dtype), (angles.sin() * scaling).to(device, dtype)
+        return (angles.cos() * scaling).to(device, dtype), (angles.sin() * sign * scaling).to(device, dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated by position: HF's x * cos + rotate_half(x) * sin, where rotate_half(x)
+    = (-x2, x1) = roll(x, D/2) with the first half's sign folded into the table."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class RMSNorm(nn.Module):
@@ -114,17 +117,14 @@ class LlamaAttention(nn.Module):
         self.scale = head_dim**-0.5
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)  # [T, H*D], [T, Hkv*D] x2
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        num_tokens, num_qk_heads = x.shape[0], self.num_heads + self.num_kv_heads
+        qkv = self.qkv(x)  # [T, (H + 2 Hkv) * D]
+        qk = qkv[:, : num_qk_heads * self.head_dim].view(num_tokens, num_qk_heads, self.head_dim)
+        qk = apply_rope(qk, cos.unsqueeze(1), sin.unsqueeze(1))  # queries and keys rotated together
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, Hkv, D]
+        v = qkv[:, num_qk_heads * self.head_dim :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
-        return self.o(out.reshape(num_tokens, q_size))
+        return self.o(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
