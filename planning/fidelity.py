@@ -59,10 +59,14 @@ def deployment_config(name: str) -> DeploymentConfig:
 
 
 def shared_device(device: DeviceSpec, num_workers: int, num_cores: int) -> DeviceSpec:
-    """One worker as a device when `num_workers` single-thread workers share `num_cores` cores: with
-    more workers than cores each gets cores / workers of a core, so its rates shrink and its fixed
-    costs grow by that share (a pipeline's stages are all busy at once when micro-batches overlap)."""
-    share = min(1.0, num_cores / num_workers)
+    """One worker as a device when `num_workers` single-thread workers share `num_cores` cores.
+
+    The workers of a replica wait for one another many times per step (two all-reduces per layer in a
+    TP group, a hand-off per stage), far more often than the OS switches threads (milliseconds). So
+    they do not each get cores / workers of a core: they advance in rounds, `cores` of them computing
+    while the rest wait, and a stretch of work between two waits takes ceil(workers / cores) times
+    as long (3 workers on 2 cores: 2x, not 1.5x). Rates shrink and fixed costs grow by that factor."""
+    share = 1.0 / math.ceil(num_workers / num_cores)
     if share == 1.0:
         return device
     return device.model_copy(update={

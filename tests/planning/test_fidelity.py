@@ -120,6 +120,8 @@ def test_workers_beyond_the_cores_share_them():
     assert shared_device(device, 2, 2) == device
     half = shared_device(device, 4, 2)
     assert half.tflops == pytest.approx(device.tflops / 2) and half.overhead_ms_per_step == pytest.approx(4.0)
+    # 3 workers that keep waiting for one another on 2 cores run in 2 rounds: half speed, not 2/3
+    assert shared_device(device, 3, 2) == half
     (alone,) = predicted_costs(deployment_config("TP3"), DEVICE, num_cores=3)
     (shared,) = predicted_costs(deployment_config("TP3"), DEVICE, num_cores=2)
     decode = StepShape(query_lens=(1,), context_lens=(64,), num_sampled=1)
