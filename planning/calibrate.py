@@ -12,6 +12,7 @@ kept as a comment in the file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -25,6 +26,7 @@ import yaml
 from planning.calibrate_device import DTYPES, ComputeMeasurement, LayerBench, measure_compute
 from planning.calibrate_engine import QUICK_SHAPES, SHAPES, OverheadFit, StageTiming, fit_overheads, time_engine_stage
 from planning.calibrate_links import LinkMeasurement, measure_links
+from planning.calibrate_tp import TPGroupFit, fit_tp_allreduce_latency
 from planning.cost_model import StageCost
 from planning.devices import DeviceFile, DeviceSpec, LinkSpec
 from hexcore.model_files import resolve_model_dir
@@ -107,6 +109,7 @@ class Calibration:
     links: tuple[LinkMeasurement, ...]  # one per worker count
     engine: tuple[StageTiming, ...] = ()  # the engine's own stage
     overheads: OverheadFit | None = None  # fitted to `engine`
+    tp_groups: tuple[TPGroupFit, ...] = ()  # all-reduce latency inside the engine's TP stages
 
     @property
     def device_compute(self) -> ComputeMeasurement:
@@ -139,7 +142,8 @@ class Calibration:
                 latency_ms=round(pair.p2p.latency_s * 1e3, 4),
                 allreduce_latency_ms=round(pair.all_reduce.latency_s * 1e3, 4),
                 allreduce_latency_ms_by_tp={link.num_workers: round(link.all_reduce.latency_s * 1e3, 4)
-                                            for link in self.links},
+                                            for link in self.links}
+                | {fit.tp: round(fit.allreduce_latency_s * 1e3, 4) for fit in self.tp_groups},
             ),
         )
 
@@ -175,8 +179,16 @@ def calibrate(dtype: str, num_threads: int, budget: Budget, log=lambda line: Non
                         mem_bandwidth_gbs=device_compute.mem_bandwidth_gbs, kind="cpu")
     overheads = fit_overheads(engine, model, device)
     log(f"engine stage overheads: {overheads}")
-    return Calibration(dtype, num_threads, memory_gb, tuple(compute), tuple(layers), tuple(links), tuple(engine),
-                       overheads)
+    calibration = Calibration(dtype, num_threads, memory_gb, tuple(compute), tuple(layers), tuple(links),
+                              tuple(engine), overheads)
+    if num_threads != 1:  # the TP stages measured run single-thread workers, as the fidelity check does
+        return calibration
+    tp_groups = []
+    for tp in budget.link_worker_counts:
+        if tp > 1 and model.num_heads % tp == 0 and model.num_kv_heads % tp == 0:
+            tp_groups.append(fit_tp_allreduce_latency(calibration.device_file("calibrating"), tp, model.num_layers, dtype))
+            log(f"engine TP {tp} stage: all-reduce {tp_groups[-1].allreduce_latency_s * 1e3:.3f} ms per call")
+    return dataclasses.replace(calibration, tp_groups=tuple(tp_groups))
 
 
 def _check_layers(model: ModelSpec, dtype: str, num_threads: int, compute: ComputeMeasurement, budget: Budget) -> list[LayerCheck]:
@@ -241,6 +253,12 @@ def render(calibration: Calibration, name: str) -> str:
         lines.append(f"#   {link.num_workers} workers: p2p {_alpha_beta(link.p2p)}; all-reduce {_alpha_beta(link.all_reduce)}")
         sizes = ", ".join(f"{size >> 10} KiB" for size in link.sizes)
         lines.append(f"#     sizes {sizes}: p2p {_ms_list(link.p2p_s)} ms; all-reduce {_ms_list(link.all_reduce_s)} ms")
+    for fit in c.tp_groups:
+        lines.append(f"# The engine's own TP {fit.tp} stage ({fit.num_layers} layers, {fit.num_steps} steps of a short trace): "
+                     f"all-reduce {fit.allreduce_latency_s * 1e3:.3f} ms per call (10th-90th percentile "
+                     f"{fit.spread_s[0] * 1e3:.3f}-{fit.spread_s[1] * 1e3:.3f} ms) replaces the loop's figure for TP {fit.tp}")
+        lines.append("#   (step time minus the cost model's time without all-reduce latency, over 2 * layers calls; "
+                     "planning/calibrate_tp.py)")
     lines.append("# `link:` is the 2-worker fit; memory_gb is RAM / (cores / threads per worker).")
     spec = calibration.device_file(name).model_dump(exclude_none=True)
     spec = {"name": spec.pop("name"), **spec}

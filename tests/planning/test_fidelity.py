@@ -11,7 +11,8 @@ from planning.cost_model import StageCost, allreduce_time
 from planning.devices import DeviceFile, DeviceSpec, LinkSpec
 from planning.fidelity import (DEPLOYMENTS, METRICS, Figures, Row, deployment_config, markdown_table, shared_device,
                                predicted_costs, rows_of, step_seconds, summary)
-from planning.fidelity_engine import StepShape
+from planning.calibrate_tp import latency_per_call
+from planning.fidelity_engine import MeasuredStep, StepShape
 from planning.models import load_model
 from planning.simulator import simulate
 from planning.workload import Request, WorkloadSpec
@@ -135,3 +136,20 @@ def test_steps_of_several_tokens_stream_the_weights_gemm_weight_passes_times():
     weight_time = SMOLLM.layer_bytes / bare.bandwidth_bytes
     assert two.decode_time(1, 1, 0) == pytest.approx(one.decode_time(1, 1, 0))  # one token: a GEMV, one pass
     assert two.decode_time(1, 2, 0) - one.decode_time(1, 2, 0) == pytest.approx(weight_time, rel=1e-3)
+
+
+def test_tp_calibration_spreads_unexplained_step_time_over_the_all_reduces():
+    config = deployment_config("TP3")
+    no_latency = DEVICE.model_copy(update={"link": LINK.model_copy(
+        update={"allreduce_latency_ms": 0.0, "allreduce_latency_ms_by_tp": {3: 0.0}})})
+    (bare,) = predicted_costs(config, no_latency)
+    shapes = [StepShape(query_lens=(64, 16), context_lens=(64, 16), num_sampled=2),
+              StepShape(query_lens=(1,) * 8, context_lens=(70,) * 8, num_sampled=8)]
+    # each step took the model's time plus 2.5 ms for each of its 2 x 30 all-reduces
+    steps = [MeasuredStep("r0", shape, {0: step_seconds(bare, shape) + 60 * 2.5e-3}) for shape in shapes]
+    assert latency_per_call(DEVICE, config, steps) == pytest.approx([2.5e-3, 2.5e-3])
+    # and the fitted figure, written back, makes the cost model explain the steps
+    fitted = DEVICE.model_copy(update={"link": LINK.model_copy(update={"allreduce_latency_ms_by_tp": {3: 2.5}})})
+    (cost,) = predicted_costs(config, fitted)
+    for step in steps:
+        assert step_seconds(cost, step.shape) == pytest.approx(step.stage_seconds[0], rel=0.02)
