@@ -54,6 +54,9 @@ def kv_cache_budget_bytes(device: Device, fraction: float, num_local_cpu_workers
 
 # The batch size oneDNN lays a packed weight out for: decode steps of tens of sequences.
 PACKED_WEIGHT_BATCH_HINT = 32
+# Smaller weights stay plain: a oneDNN call costs ~30 us more than F.linear's, more than a small
+# matrix gains from packing (a 64 x 192 weight: 4 us plain, 36 us packed).
+PACKED_WEIGHT_MIN_ELEMENTS = 1 << 18
 
 
 def linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -62,7 +65,8 @@ def linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
     On CPU in float32 the weight is packed once into oneDNN's blocked layout: at decode batch sizes
     MKL's plain GEMM re-packs the weight on every call, which costs it up to half its speed (the
     LM head runs ~2x faster packed; BENCHMARKS.md). Elsewhere: F.linear."""
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+    is_packable = weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    if is_packable and weight.numel() >= PACKED_WEIGHT_MIN_ELEMENTS:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_WEIGHT_BATCH_HINT)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     return lambda x: F.linear(x, weight)
