@@ -116,11 +116,11 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
 
-    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x, cos, signed_sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens, num_qk_heads = x.shape[0], self.num_heads + self.num_kv_heads
         qkv = self.qkv(x)  # [T, (H + 2 Hkv) * D]
         qk = qkv[:, : num_qk_heads * self.head_dim].view(num_tokens, num_qk_heads, self.head_dim)
-        qk = apply_rope(qk, cos.unsqueeze(1), sin.unsqueeze(1))  # queries and keys rotated together
+        qk = apply_rope(qk, cos.unsqueeze(1), signed_sin.unsqueeze(1))  # queries and keys rotated together
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, Hkv, D]
         v = qkv[:, num_qk_heads * self.head_dim :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
@@ -142,22 +142,22 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.input_norm, self.attention, self.post_norm, self.mlp = input_norm, attention, post_norm, mlp
 
-    def forward(self, x, cos, sin, kv_cache, meta) -> torch.Tensor:
-        x = x + self.attention(self.input_norm(x), cos, sin, kv_cache, meta)
+    def forward(self, x, cos, signed_sin, kv_cache, meta) -> torch.Tensor:
+        x = x + self.attention(self.input_norm(x), cos, signed_sin, kv_cache, meta)
         return x + self.mlp(self.post_norm(x))
 
 
 class LlamaStage(nn.Module):
     def __init__(self, dims: LlamaDims, first_layer: int, layers: list[LlamaDecoderLayer],
                  embed: VocabParallelEmbedding | None, norm: RMSNorm | None,
-                 lm_head: VocabParallelLMHead | None, cos: torch.Tensor, sin: torch.Tensor):
+                 lm_head: VocabParallelLMHead | None, cos: torch.Tensor, signed_sin: torch.Tensor):
         super().__init__()
         self.dims = dims
         self.first_layer = first_layer
         self.layers = nn.ModuleList(layers)
         self.embed, self.norm, self.lm_head = embed, norm, lm_head
         self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("signed_sin", signed_sin, persistent=False)
 
     @property
     def end_layer(self) -> int:
@@ -177,9 +177,9 @@ class LlamaStage(nn.Module):
         """inputs: token ids [T] on the first stage, hidden states [T, C] elsewhere -> hidden [T, C].
         kv_caches: [num_local_layers, 2, num_blocks, block_size, Hkv, D]."""
         x = self.embed(inputs) if self.has_embedding else inputs
-        cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
+        cos, signed_sin = self.cos[positions], self.signed_sin[positions]  # [T, D]
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta)
+            x = layer(x, cos, signed_sin, kv_cache, meta)
         return x
 
     @torch.inference_mode()
@@ -228,5 +228,5 @@ def load_stage(checkpoint: Checkpoint, dims: LlamaDims, rope: RopeSpec, first_la
         head_rows = embed_rows if head_name == embed_name else checkpoint.rows(head_name, *vocab_rows)
         norm_out = norm("model.norm.weight")
         lm_head = VocabParallelLMHead(head_rows, dims.vocab_size, vocab_shard, tp)
-    cos, sin = rope.tables(max_model_len, checkpoint.dtype, checkpoint.device)
-    return LlamaStage(dims, first_layer, layers, embed, norm_out, lm_head, cos, sin)
+    cos, signed_sin = rope.tables(max_model_len, checkpoint.dtype, checkpoint.device)
+    return LlamaStage(dims, first_layer, layers, embed, norm_out, lm_head, cos, signed_sin)
