@@ -38,7 +38,7 @@ CATEGORIES = (
     ("linear (matmul)", ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear",
                          "mkldnn::_linear_pointwise")),
     ("KV gather (cache[block_tables])", ("aten::index",)),
-    ("attention (SDPA)", ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_softmax",
+    ("attention (SDPA, or the CPU kernel)", ("hexcore::paged_decode_attention", "aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_softmax",
                           "aten::softmax", "aten::baddbmm", "aten::masked_fill", "aten::where",
                           "aten::logical_not", "aten::_safe_softmax")),
     ("cache write (index_copy_)", ("aten::index_copy", "aten::index_put", "aten::_index_put")),

@@ -7,6 +7,7 @@ single new token (decodes) attend together in one padded call; sequences with se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +46,10 @@ class AttentionMetadata:
     decode_rows: torch.Tensor  # [Bd]: batch rows of the single-token sequences
     decode_block_ids: torch.Tensor  # [Bd * max_blocks]: their block tables, padded with block 0, flattened
     decode_mask: torch.Tensor  # [Bd, 1, 1, max_blocks * block_size]: 0 where a key exists, -inf elsewhere
+    decode_context_lens: torch.Tensor  # [Bd]
     prefills: tuple[PrefillChunk, ...]
     workspace: GatherWorkspace
+    decode_kernel: Callable | None = None  # reads the cache in place (hexcore.devices); None: gather + SDPA
 
     @classmethod
     def build(
@@ -58,6 +61,7 @@ class AttentionMetadata:
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         workspace: GatherWorkspace | None = None,
+        decode_kernel: Callable | None = None,
     ) -> "AttentionMetadata":
         slots, decode_rows, decode_tables, decode_lens, prefills = [], [], [], [], []
         row = 0
@@ -83,8 +87,10 @@ class AttentionMetadata:
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
             decode_block_ids=torch.tensor([b for table in padded for b in table], dtype=torch.long, device=device),
             decode_mask=torch.zeros(is_key.shape, dtype=dtype, device=device).masked_fill_(~is_key, float("-inf")),
+            decode_context_lens=lens,
             prefills=tuple(prefills),
             workspace=workspace or GatherWorkspace(),
+            decode_kernel=decode_kernel,
         )
 
 
@@ -115,6 +121,10 @@ def paged_attention(
 def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """The single-token sequences together: [Bd, H, D]."""
     num_seqs, (num_kv_heads, head_dim) = meta.decode_rows.numel(), k_cache.shape[2:]
+    queries = q if meta.is_all_decode else q[meta.decode_rows]  # [Bd, H, D]
+    if meta.decode_kernel is not None:
+        block_tables = meta.decode_block_ids.view(num_seqs, -1)
+        return meta.decode_kernel(queries, k_cache, v_cache, block_tables, meta.decode_context_lens, scale)
     # gather [Bd * max_blocks, block_size, Hkv, D] into reused buffers, seen as [Bd, Hkv, L, D]
     gathered_shape = (meta.decode_block_ids.numel(), *k_cache.shape[1:])
     keys = torch.index_select(k_cache, 0, meta.decode_block_ids, out=meta.workspace.take("keys", gathered_shape, k_cache))
@@ -122,7 +132,6 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
                                 out=meta.workspace.take("values", gathered_shape, v_cache))
     keys = keys.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     values = values.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-    queries = q if meta.is_all_decode else q[meta.decode_rows]  # [Bd, H, D]
     # the query heads sharing a KV head attend as that head's rows: [Bd, Hkv, H / Hkv, D]
     grouped = queries.view(num_seqs, num_kv_heads, -1, head_dim)
     attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.decode_mask, scale=scale)

@@ -70,3 +70,13 @@ def linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_WEIGHT_BATCH_HINT)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     return lambda x: F.linear(x, weight)
+
+
+def decode_attention_kernel(device: torch.device, dtype: torch.dtype) -> Callable | None:
+    """A paged decode-attention kernel that reads the KV cache in place, or None for the torch path:
+    on CPU in float32, hexcore/cpu_attention.py (compiled on first use)."""
+    if device.type == "cpu" and dtype == torch.float32:
+        from hexcore import cpu_attention
+
+        return cpu_attention.load()
+    return None

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from hexcore.attention import AttentionMetadata, GatherWorkspace
+from hexcore.devices import decode_attention_kernel
 from hexcore.llama import LlamaStage
 from hexcore.messages import StageLayout, StepBatch, StepResult, WorkerStats
 from hexcore.parallel import TPGroup
@@ -29,6 +30,7 @@ class StageRunner:
         self.destinations = [] if is_last else destination_ranks(stage, stages[stage_index + 1], tp.rank)
         self._pending_sends: tuple[torch.Tensor | None, list] = (None, [])
         self._workspace = GatherWorkspace()
+        self._decode_kernel = decode_attention_kernel(device, model.cos.dtype)
         self.busy_seconds = 0.0
         self.num_steps = 0
         self.recent_steps: deque[tuple[int, float, float]] = deque(maxlen=256)
@@ -37,7 +39,8 @@ class StageRunner:
         inputs = self._receive(batch)
         started = time.perf_counter()
         meta = AttentionMetadata.build(batch.query_lens, batch.context_lens, batch.block_tables,
-                                       self.block_size, self.device, self.model.cos.dtype, self._workspace)
+                                       self.block_size, self.device, self.model.cos.dtype, self._workspace,
+                                       self._decode_kernel)
         positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         hidden = self.model(inputs, positions, self.kv_caches, meta)  # [T, C]
         result = self._sample(batch, hidden) if self.is_last else self._send(hidden)

@@ -1,0 +1,144 @@
+"""Decode attention over the paged KV cache on CPU without copying the cache, compiled on first use.
+
+The torch path (hexcore/attention.py) copies every decoding sequence's keys and values out of their
+blocks into one padded batch before SDPA reads them again. Here two small C++ loops read each cached
+token's row (all its KV heads, contiguous in the block) once, in place:
+
+    scores [B, H, L] = q . k * scale         (keys of sequence b: blocks block_tables[b]; -inf past its length)
+    probs = softmax(scores)                   (torch)
+    out [B, H, D] = sum over t of probs * v
+
+Query head h reads KV head h // (H / Hkv). The loops run on torch's own thread pool
+(at::parallel_for over sequences), so a worker's thread budget holds. They are built with torch's
+C++ extension loader (a C++ compiler and ninja) into torch's extension cache the first time a
+process asks; `load()` returns None, logged once, where they cannot be built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <limits>
+
+// Each cached token is a row of Hkv * D floats (k_cache, v_cache: [num_blocks, block_size, Hkv, D]).
+static inline const float* token_row(const float* cache, const int64_t* table, int64_t t, int64_t block_size,
+                                     int64_t row_size) {
+  return cache + (table[t / block_size] * block_size + t % block_size) * row_size;
+}
+
+// q [B, H, D] -> scores [B, H, max_len]: q . k * scale for the sequence's keys, -inf past its length.
+torch::Tensor paged_scores(torch::Tensor q, torch::Tensor k_cache, torch::Tensor block_tables,
+                           torch::Tensor context_lens, int64_t max_len, double scale) {
+  auto queries = q.contiguous();
+  const int64_t num_seqs = queries.size(0), num_heads = queries.size(1), head_dim = queries.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2), max_blocks = block_tables.size(1);
+  const int64_t group = num_heads / num_kv_heads, row_size = num_kv_heads * head_dim;
+  auto scores = torch::full({num_seqs, num_heads, max_len}, -std::numeric_limits<float>::infinity(), queries.options());
+  const float* q_ptr = queries.data_ptr<float>();
+  const float* k_ptr = k_cache.data_ptr<float>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  float* out = scores.data_ptr<float>();
+  const float softmax_scale = static_cast<float>(scale);
+  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t seq = begin; seq < end; ++seq) {
+      const float* seq_q = q_ptr + seq * num_heads * head_dim;
+      float* seq_scores = out + seq * num_heads * max_len;
+      for (int64_t t = 0; t < lens[seq]; ++t) {
+        const float* row = token_row(k_ptr, tables + seq * max_blocks, t, block_size, row_size);
+        for (int64_t h = 0; h < num_heads; ++h) {
+          const float* query = seq_q + h * head_dim;
+          const float* key = row + (h / group) * head_dim;
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < head_dim; ++d) dot += query[d] * key[d];
+          seq_scores[h * max_len + t] = dot * softmax_scale;
+        }
+      }
+    }
+  });
+  return scores;
+}
+
+// probs [B, H, max_len] -> out [B, H, D]: the probability-weighted sum of the sequence's values.
+torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor v_cache, torch::Tensor block_tables,
+                                    torch::Tensor context_lens) {
+  const int64_t num_seqs = probs.size(0), num_heads = probs.size(1), max_len = probs.size(2);
+  const int64_t block_size = v_cache.size(1), num_kv_heads = v_cache.size(2), head_dim = v_cache.size(3);
+  const int64_t max_blocks = block_tables.size(1), group = num_heads / num_kv_heads, row_size = num_kv_heads * head_dim;
+  auto out = torch::zeros({num_seqs, num_heads, head_dim}, probs.options());
+  const float* p_ptr = probs.data_ptr<float>();
+  const float* v_ptr = v_cache.data_ptr<float>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  float* out_ptr = out.data_ptr<float>();
+  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t seq = begin; seq < end; ++seq) {
+      const float* seq_p = p_ptr + seq * num_heads * max_len;
+      float* seq_out = out_ptr + seq * num_heads * head_dim;
+      for (int64_t t = 0; t < lens[seq]; ++t) {
+        const float* row = token_row(v_ptr, tables + seq * max_blocks, t, block_size, row_size);
+        for (int64_t h = 0; h < num_heads; ++h) {
+          const float weight = seq_p[h * max_len + t];
+          const float* value = row + (h / group) * head_dim;
+          float* acc = seq_out + h * head_dim;
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) acc[d] += weight * value[d];
+        }
+      }
+    }
+  });
+  return out;
+}
+"""
+
+_lock = threading.Lock()
+_module = None
+_is_loaded = False
+
+
+def _load_module():
+    global _module, _is_loaded
+    with _lock:
+        if not _is_loaded:
+            _is_loaded = True
+            try:
+                import ninja  # the build tool torch's loader runs: the pip package's binary, if not on PATH
+                from torch.utils.cpp_extension import load_inline
+
+                if shutil.which("ninja") is None:
+                    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+                _module = load_inline(name="hexgen_paged_decode_attention", cpp_sources=_SOURCE,
+                                      functions=["paged_scores", "paged_weighted_values"],
+                                      extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+            except Exception as err:  # no compiler or ninja: the torch path serves instead
+                log.warning("CPU decode-attention kernel unavailable (%s); using the torch path", err)
+    return _module
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, H, D] float32 over the cache's blocks (block_tables [B, max_blocks], context_lens [B])
+    -> [B, H, D]."""
+    module = _module
+    max_len = block_tables.shape[1] * k_cache.shape[1]
+    with torch.profiler.record_function("hexcore::paged_decode_attention"):  # the loops are no torch ops
+        scores = module.paged_scores(q, k_cache, block_tables, context_lens, max_len, scale)  # [B, H, L]
+        probs = torch.softmax(scores, dim=-1)
+        return module.paged_weighted_values(probs, v_cache, block_tables, context_lens)
+
+
+def load():
+    """`paged_decode_attention`, once its loops are built (on the first call in any process of this
+    machine; later calls and processes reuse the build), or None where they cannot be built."""
+    return paged_decode_attention if _load_module() is not None else None
