@@ -7,6 +7,8 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 HEXGEN_HOME=/var/lib/hexgen
 WORKDIR /opt/hexgen
 
+# a C++ compiler: hexcore builds its CPU decode-attention loops for the host CPU on first use
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 # torch first, from the CPU index (the default index would pull a multi-GB CUDA build)
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./

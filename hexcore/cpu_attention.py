@@ -16,8 +16,10 @@ process asks; `load()` returns None, logged once, where they cannot be built.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import shutil
 import threading
 
@@ -102,6 +104,18 @@ torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor v_cache, 
 }
 """
 
+def _build_name() -> str:
+    """The build is tuned to this CPU (-march=native): its name carries the CPU's feature flags, so a
+    cache shared by machines of different CPUs never hands one the other's build."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags += next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return "hexgen_paged_decode_attention_" + hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
 _lock = threading.Lock()
 _module = None
 _is_loaded = False
@@ -118,7 +132,7 @@ def _load_module():
 
                 if shutil.which("ninja") is None:
                     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-                _module = load_inline(name="hexgen_paged_decode_attention", cpp_sources=_SOURCE,
+                _module = load_inline(name=_build_name(), cpp_sources=_SOURCE,
                                       functions=["paged_scores", "paged_weighted_values"],
                                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
             except Exception as err:  # no compiler or ninja: the torch path serves instead
