@@ -104,6 +104,7 @@ torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor v_cache, 
 }
 """
 
+
 def _build_name() -> str:
     """The build is tuned to this CPU (-march=native): its name carries the CPU's feature flags, so a
     cache shared by machines of different CPUs never hands one the other's build."""
