@@ -3,7 +3,7 @@
 N concurrent requests of P prompt tokens and O output tokens (greedy, ignore_eos) on SmolLM2-135M:
 
   engine-tp1          one stage, all layers, 2 threads
-  engine-pp2          two single-thread stages (17 + 13 layers), micro-batched (2 in flight)
+  engine-pp2          two single-thread stages (18 + 12 layers), micro-batched (2 in flight)
   engine-pp2-serial   the same two stages with one micro-batch (no overlap)
   hf-batch            transformers generate on all N prompts as one padded batch, 2 torch threads
   hf-sequential       transformers generate one prompt at a time (the first K prompts, extrapolated)
@@ -64,9 +64,10 @@ def make_prompts(num_prompts: int, prompt_len: int, vocab_size: int, seed: int) 
 
 
 # What the last stage's final norm and tied 49152x576 LM head cost, in decoder layers of time, for a
-# 16-sequence micro-batch on one thread: measured 2026-11-24 from the workers' own step times
-# (16 + 14 layers: 67 and 75 ms per step; 18 + 12: 70 and 66 ms), i.e. about 4 layers.
-HEAD_COST_IN_LAYERS = 4
+# 16-sequence micro-batch on one thread, from the workers' own step times (median of the last 200
+# steps), 2026-11-24 06:40 UTC with the in-place decode attention: 17 + 13 layers ran 63.5 and 70.7 ms
+# per step, 18 + 12 ran 66.7 and 66.3 ms: about 6 layers (it was about 4 before the attention got cheaper).
+HEAD_COST_IN_LAYERS = 6
 
 
 def balanced_first_stage_layers(num_layers: int) -> int:
