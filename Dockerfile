@@ -4,7 +4,8 @@
 #   docker run -p 8000:8000 -v $PWD/deploy.yaml:/deploy.yaml hexgen serve --config /deploy.yaml --host 0.0.0.0
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 HEXGEN_HOME=/var/lib/hexgen
+ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 HEXGEN_HOME=/var/lib/hexgen \
+    TORCH_EXTENSIONS_DIR=/var/lib/hexgen/torch_extensions
 WORKDIR /opt/hexgen
 
 # a C++ compiler: hexcore builds its CPU decode-attention loops for the host CPU on first use

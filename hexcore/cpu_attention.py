@@ -16,12 +16,14 @@ process asks; `load()` returns None, logged once, where they cannot be built.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import platform
 import shutil
 import threading
+from pathlib import Path
 
 import torch
 
@@ -31,6 +33,27 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <limits>
+
+// The shapes both loops rely on; a violation raises (RuntimeError in Python) instead of reading astray.
+static void check_inputs(const torch::Tensor& rows, const torch::Tensor& cache, const torch::Tensor& block_tables,
+                         const torch::Tensor& context_lens, int64_t max_len) {
+  TORCH_CHECK(rows.device().is_cpu() && cache.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(rows.dtype() == torch::kFloat32 && cache.dtype() == torch::kFloat32, "float32 only");
+  TORCH_CHECK(cache.dim() == 4 && cache.is_contiguous(), "the cache must be a contiguous [blocks, block_size, Hkv, D]");
+  TORCH_CHECK(block_tables.dtype() == torch::kInt64 && block_tables.is_contiguous() && block_tables.dim() == 2,
+              "block_tables must be a contiguous int64 [B, max_blocks]");
+  TORCH_CHECK(context_lens.dtype() == torch::kInt64 && context_lens.is_contiguous(), "context_lens must be int64");
+  TORCH_CHECK(rows.dim() == 3 && rows.size(0) == block_tables.size(0) && context_lens.numel() == rows.size(0),
+              "one block table and one length per sequence");
+  TORCH_CHECK(rows.size(1) % cache.size(2) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(max_len <= block_tables.size(1) * cache.size(1), "max_len beyond the block tables");
+  if (context_lens.numel() > 0) {
+    TORCH_CHECK(context_lens.min().item<int64_t>() >= 1 && context_lens.max().item<int64_t>() <= max_len,
+                "context lengths must lie in [1, max_len]");
+    TORCH_CHECK(block_tables.min().item<int64_t>() >= 0 && block_tables.max().item<int64_t>() < cache.size(0),
+                "block ids must lie in the cache");
+  }
+}
 
 // Each cached token is a row of Hkv * D floats (k_cache, v_cache: [num_blocks, block_size, Hkv, D]).
 static inline const float* token_row(const float* cache, const int64_t* table, int64_t t, int64_t block_size,
@@ -42,6 +65,8 @@ static inline const float* token_row(const float* cache, const int64_t* table, i
 torch::Tensor paged_scores(torch::Tensor q, torch::Tensor k_cache, torch::Tensor block_tables,
                            torch::Tensor context_lens, int64_t max_len, double scale) {
   auto queries = q.contiguous();
+  check_inputs(queries, k_cache, block_tables, context_lens, max_len);
+  TORCH_CHECK(queries.size(2) == k_cache.size(3), "query and key head dims differ");
   const int64_t num_seqs = queries.size(0), num_heads = queries.size(1), head_dim = queries.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2), max_blocks = block_tables.size(1);
   const int64_t group = num_heads / num_kv_heads, row_size = num_kv_heads * head_dim;
@@ -75,6 +100,8 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 // probs [B, H, max_len] -> out [B, H, D]: the probability-weighted sum of the sequence's values.
 torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor v_cache, torch::Tensor block_tables,
                                     torch::Tensor context_lens) {
+  check_inputs(probs, v_cache, block_tables, context_lens, probs.size(2));
+  TORCH_CHECK(probs.is_contiguous(), "probs must be contiguous");
   const int64_t num_seqs = probs.size(0), num_heads = probs.size(1), max_len = probs.size(2);
   const int64_t block_size = v_cache.size(1), num_kv_heads = v_cache.size(2), head_dim = v_cache.size(3);
   const int64_t max_blocks = block_tables.size(1), group = num_heads / num_kv_heads, row_size = num_kv_heads * head_dim;
@@ -111,7 +138,7 @@ def _build_name() -> str:
     flags = platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags += next((line for line in cpuinfo if line.startswith("flags")), "")
+            flags += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
     return "hexgen_paged_decode_attention_" + hashlib.sha1(flags.encode()).hexdigest()[:10]
@@ -128,17 +155,30 @@ def _load_module():
         if not _is_loaded:
             _is_loaded = True
             try:
-                import ninja  # the build tool torch's loader runs: the pip package's binary, if not on PATH
-                from torch.utils.cpp_extension import load_inline
-
-                if shutil.which("ninja") is None:
-                    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-                _module = load_inline(name=_build_name(), cpp_sources=_SOURCE,
-                                      functions=["paged_scores", "paged_weighted_values"],
-                                      extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                _module = _build()
             except Exception as err:  # no compiler or ninja: the torch path serves instead
                 log.warning("CPU decode-attention kernel unavailable (%s); using the torch path", err)
     return _module
+
+
+def _build():
+    """Build (or load the earlier build of) the loops. Processes take turns under an flock, which the
+    OS releases when its holder dies; the holder first removes a lock file that torch's own builder
+    left behind in a process killed mid-build (torch would otherwise wait for it forever)."""
+    import ninja  # the build tool torch's loader runs: the pip package's binary, if not on PATH
+    from torch.utils.cpp_extension import get_default_build_root, load_inline
+
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    name = _build_name()
+    build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f"{name}.flock", "w") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        return load_inline(name=name, cpp_sources=_SOURCE, functions=["paged_scores", "paged_weighted_values"],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           build_directory=str(build_dir))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

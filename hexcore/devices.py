@@ -64,7 +64,9 @@ def linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
 
     On CPU in float32 the weight is packed once into oneDNN's blocked layout: at decode batch sizes
     MKL's plain GEMM re-packs the weight on every call, which costs it up to half its speed (the
-    LM head runs ~2x faster packed; BENCHMARKS.md). Elsewhere: F.linear."""
+    LM head runs ~2x faster packed; BENCHMARKS.md). Elsewhere: F.linear. The packed copy replaces
+    the plain weight, except for a tied LM head on the stage that also embeds: the embedding keeps
+    the plain table, so such a stage holds vocab x hidden floats twice (113 MB for SmolLM2)."""
     is_packable = weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
     if is_packable and weight.numel() >= PACKED_WEIGHT_MIN_ELEMENTS:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_WEIGHT_BATCH_HINT)

@@ -7,6 +7,11 @@ one stage of `tp` single-thread workers, and each step's measured compute time, 
 model's time for that step with a zero all-reduce latency (the calibrated device, shared among the
 workers as planning/fidelity.shared_device describes), is spread over the step's 2 * layers
 all-reduces. The median over the steps is the latency the device file carries for `tp`.
+
+The figure is of this machine as the engine uses it: with more workers than cores it includes the
+waits for peers that are off their core, so a plan for the same workers without oversubscription
+would over-count it. The fit runs the same deployment as the fidelity check's TP3 row, on a
+different trace, so that row is partly in-sample; TP3:20+TP1:10 is not.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from planning.fidelity import ENGINE, predicted_costs, step_seconds
 from planning.fidelity_engine import MeasuredStep, run_trace
 from planning.workload import Request
 
-# Prefill of mixed lengths, then decode at batch 8 over growing contexts: ~25 steps.
+# Prefill of mixed lengths, then decode at batch 8, then 4 (the shorter requests finish): ~25 steps.
 TRACE = [Request(0.0, 64, 16)] * 4 + [Request(0.0, 16, 24)] * 4
 
 

@@ -61,11 +61,14 @@ def deployment_config(name: str) -> DeploymentConfig:
 def shared_device(device: DeviceSpec, num_workers: int, num_cores: int) -> DeviceSpec:
     """One worker as a device when `num_workers` single-thread workers share `num_cores` cores.
 
-    The workers of a replica wait for one another many times per step (two all-reduces per layer in a
-    TP group, a hand-off per stage), far more often than the OS switches threads (milliseconds). So
-    they do not each get cores / workers of a core: they advance in rounds, `cores` of them computing
-    while the rest wait, and a stretch of work between two waits takes ceil(workers / cores) times
-    as long (3 workers on 2 cores: 2x, not 1.5x). Rates shrink and fixed costs grow by that factor."""
+    The workers of a TP group wait for one another twice per layer, far more often than the OS
+    switches threads (milliseconds), so they do not each get cores / workers of a core: they advance
+    in rounds, `cores` of them computing while the rest wait, and a stretch of work between two waits
+    takes ceil(workers / cores) times as long (3 workers on 2 cores: 2x, not 1.5x). Rates shrink and
+    fixed costs grow by that factor. The fidelity check applies it to all of a deployment's workers;
+    for its deployments that is exact or the same as cores / workers (TP3; 4 workers on 2 cores,
+    where the two agree; 2 workers on 2 cores, where both are 1). Independent workers (replicas or
+    stages that rarely wait for each other) beyond the cores would be time-sliced: cores / workers."""
     share = 1.0 / math.ceil(num_workers / num_cores)
     if share == 1.0:
         return device

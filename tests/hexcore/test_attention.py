@@ -1,5 +1,7 @@
-"""Paged attention: the CPU decode kernel (reads the cache in place) against the torch path (gather +
-SDPA), on a block layout handed out in a shuffled order."""
+"""Paged attention: the CPU decode kernel (reads the cache in place) and the torch path (gather + SDPA)
+against a plain reference, on a block layout handed out in a shuffled order."""
+
+import os
 
 import pytest
 import torch
@@ -31,17 +33,44 @@ def _step(num_heads: int, num_kv_heads: int, context_lens: list[int], query_lens
     return q, k, v, k_cache, v_cache, tables
 
 
+def _reference(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale):
+    """Each sequence on its own: write its new keys and values into a copy of the cache, read its
+    keys back block by block, and attend causally with an explicit softmax (query head h reads KV head
+    h // (H / Hkv), as HF's repeat_kv does)."""
+    k_cache, v_cache, out, row = k_cache.clone(), v_cache.clone(), [], 0
+    group = q.shape[1] // k.shape[1]
+    for num_new, length, table in zip(query_lens, context_lens, tables):
+        for i, position in enumerate(range(length - num_new, length)):
+            k_cache[table[position // BLOCK_SIZE], position % BLOCK_SIZE] = k[row + i]
+            v_cache[table[position // BLOCK_SIZE], position % BLOCK_SIZE] = v[row + i]
+        keys = torch.cat([k_cache[b] for b in table])[:length].repeat_interleave(group, dim=1)  # [L, H, D]
+        values = torch.cat([v_cache[b] for b in table])[:length].repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[row : row + num_new], keys) * scale
+        causal = torch.arange(length)[None, :] <= torch.arange(length - num_new, length)[:, None]
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        out.append(torch.einsum("hqk,khd->qhd", probs, values))
+        row += num_new
+    return torch.cat(out)
+
+
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (6, 2), (9, 3)])
 @pytest.mark.parametrize("query_lens", [[1, 1, 1, 1], [1, 5, 1, 3]])  # all decoding; decodes beside prompt chunks
-def test_decode_kernel_matches_the_torch_path(kernel, num_heads, num_kv_heads, query_lens):
+@pytest.mark.parametrize("use_kernel", [False, True], ids=["torch path", "cpu kernel"])
+def test_paged_attention_matches_a_plain_reference(kernel, num_heads, num_kv_heads, query_lens, use_kernel):
     context_lens = [1, 9, 16, 23]
-    outputs = []
-    for decode_kernel in (None, kernel):
-        q, k, v, k_cache, v_cache, tables = _step(num_heads, num_kv_heads, context_lens, query_lens)
-        meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, torch.device("cpu"),
-                                       decode_kernel=decode_kernel)
-        outputs.append(paged_attention(q, k, v, k_cache, v_cache, meta, scale=16**-0.5))
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    q, k, v, k_cache, v_cache, tables = _step(num_heads, num_kv_heads, context_lens, query_lens)
+    expected = _reference(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale=16**-0.5)
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, torch.device("cpu"),
+                                   decode_kernel=kernel if use_kernel else None)
+    got = paged_attention(q, k, v, k_cache, v_cache, meta, scale=16**-0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_rejects_a_block_table_beyond_the_cache(kernel):
+    q, k, v, k_cache, v_cache, tables = _step(4, 2, [9], [1])
+    bad_table = torch.tensor([[0, 1, k_cache.shape[0]]])
+    with pytest.raises(RuntimeError, match="block ids must lie in the cache"):
+        kernel(q, k_cache, v_cache, bad_table, torch.tensor([9]), 0.25)
 
 
 def test_stage_runners_on_cpu_get_the_kernel():
@@ -49,3 +78,28 @@ def test_stage_runners_on_cpu_get_the_kernel():
 
     assert decode_attention_kernel(torch.device("cpu"), torch.float32) is cpu_attention.paged_decode_attention
     assert decode_attention_kernel(torch.device("cpu"), torch.bfloat16) is None  # the torch path
+
+
+def test_without_a_compiler_the_torch_path_serves(monkeypatch):
+    from hexcore.devices import decode_attention_kernel
+
+    def no_compiler():
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(cpu_attention, "_is_loaded", False)
+    monkeypatch.setattr(cpu_attention, "_module", None)
+    monkeypatch.setattr(cpu_attention, "_build", no_compiler)
+    assert decode_attention_kernel(torch.device("cpu"), torch.float32) is None
+
+
+def test_a_lock_left_by_a_killed_build_does_not_block_the_next_process(kernel, tmp_path):
+    import subprocess
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    build_dir = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(),
+                             cpu_attention._build_name())
+    open(os.path.join(build_dir, "lock"), "w").close()  # what a build killed by SIGKILL leaves
+    code = "from hexcore import cpu_attention; assert cpu_attention.load() is not None"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
