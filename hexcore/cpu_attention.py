@@ -36,7 +36,7 @@ _SOURCE = r"""
 
 // The shapes both loops rely on; a violation raises (RuntimeError in Python) instead of reading astray.
 static void check_inputs(const torch::Tensor& rows, const torch::Tensor& cache, const torch::Tensor& block_tables,
-                         const torch::Tensor& context_lens, int64_t max_len) {
+                         const torch::Tensor& context_lens, int64_t max_len, bool check_ranges) {
   TORCH_CHECK(rows.device().is_cpu() && cache.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(rows.dtype() == torch::kFloat32 && cache.dtype() == torch::kFloat32, "float32 only");
   TORCH_CHECK(cache.dim() == 4 && cache.is_contiguous(), "the cache must be a contiguous [blocks, block_size, Hkv, D]");
@@ -47,7 +47,7 @@ static void check_inputs(const torch::Tensor& rows, const torch::Tensor& cache, 
               "one block table and one length per sequence");
   TORCH_CHECK(rows.size(1) % cache.size(2) == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(max_len <= block_tables.size(1) * cache.size(1), "max_len beyond the block tables");
-  if (context_lens.numel() > 0) {
+  if (check_ranges && context_lens.numel() > 0) {  // reads the tables: once per attention, in paged_scores
     TORCH_CHECK(context_lens.min().item<int64_t>() >= 1 && context_lens.max().item<int64_t>() <= max_len,
                 "context lengths must lie in [1, max_len]");
     TORCH_CHECK(block_tables.min().item<int64_t>() >= 0 && block_tables.max().item<int64_t>() < cache.size(0),
@@ -65,7 +65,7 @@ static inline const float* token_row(const float* cache, const int64_t* table, i
 torch::Tensor paged_scores(torch::Tensor q, torch::Tensor k_cache, torch::Tensor block_tables,
                            torch::Tensor context_lens, int64_t max_len, double scale) {
   auto queries = q.contiguous();
-  check_inputs(queries, k_cache, block_tables, context_lens, max_len);
+  check_inputs(queries, k_cache, block_tables, context_lens, max_len, true);
   TORCH_CHECK(queries.size(2) == k_cache.size(3), "query and key head dims differ");
   const int64_t num_seqs = queries.size(0), num_heads = queries.size(1), head_dim = queries.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2), max_blocks = block_tables.size(1);
@@ -100,7 +100,7 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 // probs [B, H, max_len] -> out [B, H, D]: the probability-weighted sum of the sequence's values.
 torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor v_cache, torch::Tensor block_tables,
                                     torch::Tensor context_lens) {
-  check_inputs(probs, v_cache, block_tables, context_lens, probs.size(2));
+  check_inputs(probs, v_cache, block_tables, context_lens, probs.size(2), false);
   TORCH_CHECK(probs.is_contiguous(), "probs must be contiguous");
   const int64_t num_seqs = probs.size(0), num_heads = probs.size(1), max_len = probs.size(2);
   const int64_t block_size = v_cache.size(1), num_kv_heads = v_cache.size(2), head_dim = v_cache.size(3);
