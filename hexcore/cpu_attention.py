@@ -55,10 +55,28 @@ static void check_inputs(const torch::Tensor& rows, const torch::Tensor& cache, 
   }
 }
 
-// Each cached token is a row of Hkv * D floats (k_cache, v_cache: [num_blocks, block_size, Hkv, D]).
-static inline const float* token_row(const float* cache, const int64_t* table, int64_t t, int64_t block_size,
-                                     int64_t row_size) {
-  return cache + (table[t / block_size] * block_size + t % block_size) * row_size;
+// Calls visit(seq, t, h, cached) for every sequence (in parallel, on torch's pool), every cached token
+// t < its length (in order) and every query head h, where `cached` points at the D floats of the
+// token's row (all Hkv heads, contiguous in its block: [num_blocks, block_size, Hkv, D]) that head h
+// reads: KV head h / (H / Hkv).
+template <typename Visit>
+static void for_each_cached_token(const torch::Tensor& cache, const torch::Tensor& block_tables,
+                                  const torch::Tensor& context_lens, int64_t num_heads, const Visit& visit) {
+  const int64_t block_size = cache.size(1), num_kv_heads = cache.size(2), head_dim = cache.size(3);
+  const int64_t row_size = num_kv_heads * head_dim, group = num_heads / num_kv_heads;
+  const int64_t max_blocks = block_tables.size(1);
+  const float* base = cache.data_ptr<float>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  at::parallel_for(0, block_tables.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t seq = begin; seq < end; ++seq) {
+      const int64_t* table = tables + seq * max_blocks;
+      for (int64_t t = 0; t < lens[seq]; ++t) {
+        const float* row = base + (table[t / block_size] * block_size + t % block_size) * row_size;
+        for (int64_t h = 0; h < num_heads; ++h) visit(seq, t, h, row + (h / group) * head_dim);
+      }
+    }
+  });
 }
 
 // q [B, H, D] -> scores [B, H, max_len]: q . k * scale for the sequence's keys, -inf past its length.
@@ -67,32 +85,19 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   auto queries = q.contiguous();
   check_inputs(queries, k_cache, block_tables, context_lens, max_len, true);
   TORCH_CHECK(queries.size(2) == k_cache.size(3), "query and key head dims differ");
-  const int64_t num_seqs = queries.size(0), num_heads = queries.size(1), head_dim = queries.size(2);
-  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2), max_blocks = block_tables.size(1);
-  const int64_t group = num_heads / num_kv_heads, row_size = num_kv_heads * head_dim;
-  auto scores = torch::full({num_seqs, num_heads, max_len}, -std::numeric_limits<float>::infinity(), queries.options());
+  const int64_t num_heads = queries.size(1), head_dim = queries.size(2);
+  auto scores = torch::full({queries.size(0), num_heads, max_len}, -std::numeric_limits<float>::infinity(),
+                            queries.options());
   const float* q_ptr = queries.data_ptr<float>();
-  const float* k_ptr = k_cache.data_ptr<float>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
   float* out = scores.data_ptr<float>();
   const float softmax_scale = static_cast<float>(scale);
-  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t seq = begin; seq < end; ++seq) {
-      const float* seq_q = q_ptr + seq * num_heads * head_dim;
-      float* seq_scores = out + seq * num_heads * max_len;
-      for (int64_t t = 0; t < lens[seq]; ++t) {
-        const float* row = token_row(k_ptr, tables + seq * max_blocks, t, block_size, row_size);
-        for (int64_t h = 0; h < num_heads; ++h) {
-          const float* query = seq_q + h * head_dim;
-          const float* key = row + (h / group) * head_dim;
-          float dot = 0.0f;
+  for_each_cached_token(k_cache, block_tables, context_lens, num_heads,
+                        [=](int64_t seq, int64_t t, int64_t h, const float* key) {
+    const float* query = q_ptr + (seq * num_heads + h) * head_dim;
+    float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; ++d) dot += query[d] * key[d];
-          seq_scores[h * max_len + t] = dot * softmax_scale;
-        }
-      }
-    }
+    for (int64_t d = 0; d < head_dim; ++d) dot += query[d] * key[d];
+    out[(seq * num_heads + h) * max_len + t] = dot * softmax_scale;
   });
   return scores;
 }
@@ -102,32 +107,18 @@ torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor v_cache, 
                                     torch::Tensor context_lens) {
   check_inputs(probs, v_cache, block_tables, context_lens, probs.size(2), false);
   TORCH_CHECK(probs.is_contiguous(), "probs must be contiguous");
-  const int64_t num_seqs = probs.size(0), num_heads = probs.size(1), max_len = probs.size(2);
-  const int64_t block_size = v_cache.size(1), num_kv_heads = v_cache.size(2), head_dim = v_cache.size(3);
-  const int64_t max_blocks = block_tables.size(1), group = num_heads / num_kv_heads, row_size = num_kv_heads * head_dim;
-  auto out = torch::zeros({num_seqs, num_heads, head_dim}, probs.options());
+  const int64_t num_heads = probs.size(1), max_len = probs.size(2), head_dim = v_cache.size(3);
+  auto values = torch::zeros({probs.size(0), num_heads, head_dim}, probs.options());
   const float* p_ptr = probs.data_ptr<float>();
-  const float* v_ptr = v_cache.data_ptr<float>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  float* out_ptr = out.data_ptr<float>();
-  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t seq = begin; seq < end; ++seq) {
-      const float* seq_p = p_ptr + seq * num_heads * max_len;
-      float* seq_out = out_ptr + seq * num_heads * head_dim;
-      for (int64_t t = 0; t < lens[seq]; ++t) {
-        const float* row = token_row(v_ptr, tables + seq * max_blocks, t, block_size, row_size);
-        for (int64_t h = 0; h < num_heads; ++h) {
-          const float weight = seq_p[h * max_len + t];
-          const float* value = row + (h / group) * head_dim;
-          float* acc = seq_out + h * head_dim;
+  float* out = values.data_ptr<float>();
+  for_each_cached_token(v_cache, block_tables, context_lens, num_heads,
+                        [=](int64_t seq, int64_t t, int64_t h, const float* value) {
+    const float weight = p_ptr[(seq * num_heads + h) * max_len + t];
+    float* acc = out + (seq * num_heads + h) * head_dim;
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) acc[d] += weight * value[d];
-        }
-      }
-    }
+    for (int64_t d = 0; d < head_dim; ++d) acc[d] += weight * value[d];
   });
-  return out;
+  return values;
 }
 """
 
