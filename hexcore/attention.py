@@ -44,9 +44,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T]: cache slot of each new token
     is_all_decode: bool  # every sequence has one new token: decode rows are the whole batch, in order
     decode_rows: torch.Tensor  # [Bd]: batch rows of the single-token sequences
-    decode_block_ids: torch.Tensor  # [Bd * max_blocks]: their block tables, padded with block 0, flattened
-    decode_mask: torch.Tensor  # [Bd, 1, 1, max_blocks * block_size]: 0 where a key exists, -inf elsewhere
+    decode_block_tables: torch.Tensor  # [Bd, max_blocks]: their block tables, padded with block 0
     decode_context_lens: torch.Tensor  # [Bd]
+    decode_mask: torch.Tensor | None  # torch path only: [Bd, 1, 1, max_blocks * block_size], 0 or -inf
     prefills: tuple[PrefillChunk, ...]
     workspace: GatherWorkspace
     decode_kernel: Callable | None = None  # reads the cache in place (hexcore.devices); None: gather + SDPA
@@ -80,14 +80,17 @@ class AttentionMetadata:
         padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
         key_positions = torch.arange(max_blocks * block_size, device=device)
         lens = torch.tensor(decode_lens, dtype=torch.long, device=device)
-        is_key = (key_positions[None, :] < lens[:, None])[:, None, None, :]
+        mask = None
+        if decode_kernel is None:
+            is_key = (key_positions[None, :] < lens[:, None])[:, None, None, :]
+            mask = torch.zeros(is_key.shape, dtype=dtype, device=device).masked_fill_(~is_key, float("-inf"))
         return cls(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             is_all_decode=not prefills,
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-            decode_block_ids=torch.tensor([b for table in padded for b in table], dtype=torch.long, device=device),
-            decode_mask=torch.zeros(is_key.shape, dtype=dtype, device=device).masked_fill_(~is_key, float("-inf")),
+            decode_block_tables=torch.tensor(padded, dtype=torch.long, device=device).view(len(padded), max_blocks),
             decode_context_lens=lens,
+            decode_mask=mask,
             prefills=tuple(prefills),
             workspace=workspace or GatherWorkspace(),
             decode_kernel=decode_kernel,
@@ -123,13 +126,12 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
     num_seqs, (num_kv_heads, head_dim) = meta.decode_rows.numel(), k_cache.shape[2:]
     queries = q if meta.is_all_decode else q[meta.decode_rows]  # [Bd, H, D]
     if meta.decode_kernel is not None:
-        block_tables = meta.decode_block_ids.view(num_seqs, -1)
-        return meta.decode_kernel(queries, k_cache, v_cache, block_tables, meta.decode_context_lens, scale)
+        return meta.decode_kernel(queries, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
     # gather [Bd * max_blocks, block_size, Hkv, D] into reused buffers, seen as [Bd, Hkv, L, D]
-    gathered_shape = (meta.decode_block_ids.numel(), *k_cache.shape[1:])
-    keys = torch.index_select(k_cache, 0, meta.decode_block_ids, out=meta.workspace.take("keys", gathered_shape, k_cache))
-    values = torch.index_select(v_cache, 0, meta.decode_block_ids,
-                                out=meta.workspace.take("values", gathered_shape, v_cache))
+    block_ids = meta.decode_block_tables.view(-1)
+    gathered_shape = (block_ids.numel(), *k_cache.shape[1:])
+    keys = torch.index_select(k_cache, 0, block_ids, out=meta.workspace.take("keys", gathered_shape, k_cache))
+    values = torch.index_select(v_cache, 0, block_ids, out=meta.workspace.take("values", gathered_shape, v_cache))
     keys = keys.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     values = values.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     # the query heads sharing a KV head attend as that head's rows: [Bd, Hkv, H / Hkv, D]

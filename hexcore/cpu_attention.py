@@ -47,12 +47,13 @@ static void check_inputs(const torch::Tensor& rows, const torch::Tensor& cache, 
               "one block table and one length per sequence");
   TORCH_CHECK(rows.size(1) % cache.size(2) == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(max_len <= block_tables.size(1) * cache.size(1), "max_len beyond the block tables");
-  if (check_ranges && context_lens.numel() > 0) {  // reads the tables: once per attention, in paged_scores
-    TORCH_CHECK(context_lens.min().item<int64_t>() >= 1 && context_lens.max().item<int64_t>() <= max_len,
-                "context lengths must lie in [1, max_len]");
-    TORCH_CHECK(block_tables.min().item<int64_t>() >= 0 && block_tables.max().item<int64_t>() < cache.size(0),
-                "block ids must lie in the cache");
-  }
+  if (!check_ranges) return;  // the tables are read once per attention, in paged_scores
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < context_lens.numel(); ++i)
+    TORCH_CHECK(lens[i] >= 1 && lens[i] <= max_len, "context lengths must lie in [1, max_len]");
+  const int64_t* blocks = block_tables.data_ptr<int64_t>();
+  for (int64_t i = 0; i < block_tables.numel(); ++i)
+    TORCH_CHECK(blocks[i] >= 0 && blocks[i] < cache.size(0), "block ids must lie in the cache");
 }
 
 // Calls visit(seq, t, h, cached) for every sequence (in parallel, on torch's pool), every cached token

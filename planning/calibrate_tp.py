@@ -19,9 +19,9 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from hexcore.config import DeploymentConfig, ReplicaSpec, StageSpec
+from hexcore.config import DeploymentConfig
 from planning.devices import DeviceFile
-from planning.fidelity import ENGINE, predicted_costs, step_seconds
+from planning.fidelity import engine_config, predicted_costs, replica, step_seconds
 from planning.fidelity_engine import MeasuredStep, run_trace
 from planning.workload import Request
 
@@ -40,9 +40,7 @@ class TPGroupFit:
 
 def fit_tp_allreduce_latency(device_file: DeviceFile, tp: int, num_layers: int, dtype: str) -> TPGroupFit:
     """Serve TRACE on [TP `tp`: `num_layers`] and fit the per-call all-reduce latency to its steps."""
-    stage = StageSpec(devices=["cpu"] * tp, layers=num_layers)
-    config = DeploymentConfig(model="default", dtype=dtype, max_model_len=1024,
-                              replicas=[ReplicaSpec(stages=[stage])], engine=ENGINE)
+    config = engine_config([replica((tp, num_layers))], dtype)
     measurement = run_trace(config, TRACE)
     per_call = latency_per_call(device_file, config, measurement.steps)
     if not per_call:

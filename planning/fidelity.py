@@ -33,18 +33,18 @@ MODEL = "smollm2-135m"
 ENGINE = EngineSpec(num_threads_per_worker=1, enable_prefix_caching=False, num_kv_blocks=1024)
 
 
-def _replica(*stages: tuple[int, int]) -> ReplicaSpec:
+def replica(*stages: tuple[int, int]) -> ReplicaSpec:
     """A replica from (TP degree, layers) pairs."""
     return ReplicaSpec(stages=[StageSpec(devices=["cpu"] * tp, layers=layers) for tp, layers in stages])
 
 
 # name (as printed) -> replicas
 DEPLOYMENTS: dict[str, list[ReplicaSpec]] = {
-    "TP1": [_replica((1, 30))],
-    "TP1+TP1": [_replica((1, 15), (1, 15))],  # two pipeline stages of 15 layers
-    "TP3": [_replica((3, 30))],
-    "TP3:20+TP1:10": [_replica((3, 20), (1, 10))],
-    "2xTP1": [_replica((1, 30)), _replica((1, 30))],  # two replicas
+    "TP1": [replica((1, 30))],
+    "TP1+TP1": [replica((1, 15), (1, 15))],  # two pipeline stages of 15 layers
+    "TP3": [replica((3, 30))],
+    "TP3:20+TP1:10": [replica((3, 20), (1, 10))],
+    "2xTP1": [replica((1, 30)), replica((1, 30))],  # two replicas
 }
 
 METRICS = ("prefill step ms", "decode step ms", "throughput req/s", "TTFT p50 s", "TTFT p99 s",
@@ -54,8 +54,12 @@ METRICS = ("prefill step ms", "decode step ms", "throughput req/s", "TTFT p50 s"
 def deployment_config(name: str) -> DeploymentConfig:
     if name not in DEPLOYMENTS:
         raise ValueError(f"unknown deployment {name!r}; known: {', '.join(DEPLOYMENTS)}")
-    return DeploymentConfig(model="default", dtype="float32", max_model_len=1024,
-                            replicas=DEPLOYMENTS[name], engine=ENGINE)
+    return engine_config(DEPLOYMENTS[name])
+
+
+def engine_config(replicas: list[ReplicaSpec], dtype: str = "float32") -> DeploymentConfig:
+    """The default model served by `replicas` with the fidelity check's engine settings (ENGINE)."""
+    return DeploymentConfig(model="default", dtype=dtype, max_model_len=1024, replicas=replicas, engine=ENGINE)
 
 
 def shared_device(device: DeviceSpec, num_workers: int, num_cores: int) -> DeviceSpec:
