@@ -1,17 +1,17 @@
 """Decode attention over the paged KV cache on CPU without copying the cache, compiled on first use.
 
 The torch path (hexcore/attention.py) copies every decoding sequence's keys and values out of their
-blocks into one padded batch before SDPA reads them again. Here two small C++ loops read each cached
-token's row (all its KV heads, contiguous in the block) once, in place:
+blocks into one padded batch before SDPA reads them again. Here one C++ loop per sequence reads each
+cached token's row (all its KV heads, contiguous in the block) once, in place, block by block:
 
-    scores [B, H, L] = q . k * scale         (keys of sequence b: blocks block_tables[b]; -inf past its length)
-    probs = softmax(scores)                   (torch)
-    out [B, H, D] = sum over t of probs * v
+    scores [H, block] = q . k * scale          (the block's keys; query head h reads KV head h // (H / Hkv))
+    running softmax: max and sum per head, earlier sums rescaled when the max grows
+    acc [H, D] += exp(scores - max) . v        (the block's values), out = acc / sum
 
-Query head h reads KV head h // (H / Hkv). The loops run on torch's own thread pool
-(at::parallel_for over sequences), so a worker's thread budget holds. They are built with torch's
-C++ extension loader (a C++ compiler and ninja) into torch's extension cache the first time a
-process asks; `load()` returns None, logged once, where they cannot be built.
+while the next block is prefetched (blocks lie anywhere in the cache). The loop runs on torch's own
+thread pool (at::parallel_for over sequences), so a worker's thread budget holds. It is built with
+torch's C++ extension loader (a C++ compiler and ninja) into torch's extension cache the first time a
+process asks; `load()` returns None, logged once, where it cannot be built.
 """
 
 from __future__ import annotations
@@ -32,108 +32,149 @@ log = logging.getLogger(__name__)
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <limits>
+#include <algorithm>
+#include <cmath>
+#include <vector>
 
-// The shapes both loops rely on; a violation raises (RuntimeError in Python) instead of reading astray.
-static void check_inputs(const torch::Tensor& rows, const torch::Tensor& cache, const torch::Tensor& block_tables,
-                         const torch::Tensor& context_lens, int64_t max_len, bool check_ranges) {
-  TORCH_CHECK(rows.device().is_cpu() && cache.device().is_cpu(), "CPU tensors only");
-  TORCH_CHECK(rows.dtype() == torch::kFloat32 && cache.dtype() == torch::kFloat32, "float32 only");
-  TORCH_CHECK(cache.dim() == 4 && cache.is_contiguous(), "the cache must be a contiguous [blocks, block_size, Hkv, D]");
+// Built with -ffast-math (compile only, not link: the process's float environment is untouched) so
+// that the dot products may be reassociated and exp() vectorised. No infinities are used below.
+
+static void check_inputs(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                         const torch::Tensor& block_tables, const torch::Tensor& context_lens) {
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 && v_cache.dtype() == torch::kFloat32,
+              "float32 only");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              k_cache.sizes() == v_cache.sizes(), "the caches must be contiguous [blocks, block_size, Hkv, D], alike");
   TORCH_CHECK(block_tables.dtype() == torch::kInt64 && block_tables.is_contiguous() && block_tables.dim() == 2,
               "block_tables must be a contiguous int64 [B, max_blocks]");
   TORCH_CHECK(context_lens.dtype() == torch::kInt64 && context_lens.is_contiguous(), "context_lens must be int64");
-  TORCH_CHECK(rows.dim() == 3 && rows.size(0) == block_tables.size(0) && context_lens.numel() == rows.size(0),
+  TORCH_CHECK(q.dim() == 3 && q.size(0) == block_tables.size(0) && context_lens.numel() == q.size(0),
               "one block table and one length per sequence");
-  TORCH_CHECK(rows.size(1) % cache.size(2) == 0, "query heads must be a multiple of KV heads");
-  TORCH_CHECK(max_len <= block_tables.size(1) * cache.size(1), "max_len beyond the block tables");
-  if (!check_ranges) return;  // the tables are read once per attention, in paged_scores
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(q.size(2) == k_cache.size(3), "query and key head dims differ");
+  const int64_t max_len = block_tables.size(1) * k_cache.size(1);
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   for (int64_t i = 0; i < context_lens.numel(); ++i)
-    TORCH_CHECK(lens[i] >= 1 && lens[i] <= max_len, "context lengths must lie in [1, max_len]");
+    TORCH_CHECK(lens[i] >= 1 && lens[i] <= max_len, "context lengths must lie in [1, block table capacity]");
   const int64_t* blocks = block_tables.data_ptr<int64_t>();
   for (int64_t i = 0; i < block_tables.numel(); ++i)
-    TORCH_CHECK(blocks[i] >= 0 && blocks[i] < cache.size(0), "block ids must lie in the cache");
+    TORCH_CHECK(blocks[i] >= 0 && blocks[i] < k_cache.size(0), "block ids must lie in the cache");
 }
 
-// Calls visit(seq, t, h, cached) for every sequence (in parallel, on torch's pool), every cached token
-// t < its length (in order) and every query head h, where `cached` points at the D floats of the
-// token's row (all Hkv heads, contiguous in its block: [num_blocks, block_size, Hkv, D]) that head h
-// reads: KV head h / (H / Hkv).
-template <typename Visit>
-static void for_each_cached_token(const torch::Tensor& cache, const torch::Tensor& block_tables,
-                                  const torch::Tensor& context_lens, int64_t num_heads, const Visit& visit) {
-  const int64_t block_size = cache.size(1), num_kv_heads = cache.size(2), head_dim = cache.size(3);
-  const int64_t row_size = num_kv_heads * head_dim, group = num_heads / num_kv_heads;
-  const int64_t max_blocks = block_tables.size(1);
-  const float* base = cache.data_ptr<float>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  at::parallel_for(0, block_tables.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t seq = begin; seq < end; ++seq) {
-      const int64_t* table = tables + seq * max_blocks;
-      for (int64_t t = 0; t < lens[seq]; ++t) {
-        const float* row = base + (table[t / block_size] * block_size + t % block_size) * row_size;
-        for (int64_t h = 0; h < num_heads; ++h) visit(seq, t, h, row + (h / group) * head_dim);
+static inline void prefetch_row(const float* row, int64_t num_floats) {
+  for (int64_t i = 0; i < num_floats; i += 64 / sizeof(float)) __builtin_prefetch(row + i);
+}
+
+// One sequence, every head: out[h] = sum over t of softmax_t(q[h] . k[t] * scale) v[t], where query head
+// h reads KV head h / (H / Hkv). Block by block with a running softmax (max and sum per head), so keys and
+// values are read once, in place, while the next block is prefetched. kHeadDim: the head dim when known
+// at compile time (the common sizes, fully unrolled), or 0 to read it from `head_dim`.
+template <int64_t kHeadDim>
+static void attend_sequence(const float* q, const float* k_cache, const float* v_cache, const int64_t* table,
+                            int64_t len, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                            int64_t block_size, float scale, float* scratch, float* out) {
+  const int64_t D = kHeadDim ? kHeadDim : head_dim;
+  const int64_t row_size = num_kv_heads * D, block_floats = block_size * row_size;
+  const int64_t group = num_heads / num_kv_heads;
+  float* scores = scratch;                           // [H, block_size]
+  float* acc = scores + num_heads * block_size;      // [H, D]
+  float* running_max = acc + num_heads * D;          // [H]
+  float* running_sum = running_max + num_heads;      // [H]
+  std::fill(acc, acc + num_heads * D, 0.0f);
+  std::fill(running_sum, running_sum + num_heads, 0.0f);
+  for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
+    const int64_t n = std::min(block_size, len - start);
+    const float* keys = k_cache + table[b] * block_floats;  // token t's row (all KV heads): + t * row_size
+    const float* values = v_cache + table[b] * block_floats;
+    const bool has_next = start + block_size < len;
+    const float* next_keys = has_next ? k_cache + table[b + 1] * block_floats : nullptr;
+    const float* next_values = has_next ? v_cache + table[b + 1] * block_floats : nullptr;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* key = keys + t * row_size;
+      if (has_next) prefetch_row(next_keys + t * row_size, row_size);
+      for (int64_t h = 0; h < num_heads; ++h) {
+        const float* query = q + h * D;
+        const float* key_h = key + (h / group) * D;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += query[d] * key_h[d];
+        scores[h * block_size + t] = dot * scale;
       }
     }
-  });
-}
-
-// q [B, H, D] -> scores [B, H, max_len]: q . k * scale for the sequence's keys, -inf past its length.
-torch::Tensor paged_scores(torch::Tensor q, torch::Tensor k_cache, torch::Tensor block_tables,
-                           torch::Tensor context_lens, int64_t max_len, double scale) {
-  auto queries = q.contiguous();
-  check_inputs(queries, k_cache, block_tables, context_lens, max_len, true);
-  TORCH_CHECK(queries.size(2) == k_cache.size(3), "query and key head dims differ");
-  const int64_t num_heads = queries.size(1), head_dim = queries.size(2);
-  auto scores = torch::full({queries.size(0), num_heads, max_len}, -std::numeric_limits<float>::infinity(),
-                            queries.options());
-  const float* q_ptr = queries.data_ptr<float>();
-  float* out = scores.data_ptr<float>();
-  const float softmax_scale = static_cast<float>(scale);
-  for_each_cached_token(k_cache, block_tables, context_lens, num_heads,
-                        [=](int64_t seq, int64_t t, int64_t h, const float* key) {
-    const float* query = q_ptr + (seq * num_heads + h) * head_dim;
-    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < head_dim; ++d) dot += query[d] * key[d];
-    out[(seq * num_heads + h) * max_len + t] = dot * softmax_scale;
-  });
-  return scores;
-}
-
-// probs [B, H, max_len] -> out [B, H, D]: the probability-weighted sum of the sequence's values.
-torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor v_cache, torch::Tensor block_tables,
-                                    torch::Tensor context_lens) {
-  check_inputs(probs, v_cache, block_tables, context_lens, probs.size(2), false);
-  TORCH_CHECK(probs.is_contiguous(), "probs must be contiguous");
-  const int64_t num_heads = probs.size(1), max_len = probs.size(2), head_dim = v_cache.size(3);
-  auto values = torch::zeros({probs.size(0), num_heads, head_dim}, probs.options());
-  const float* p_ptr = probs.data_ptr<float>();
-  float* out = values.data_ptr<float>();
-  for_each_cached_token(v_cache, block_tables, context_lens, num_heads,
-                        [=](int64_t seq, int64_t t, int64_t h, const float* value) {
-    const float weight = p_ptr[(seq * num_heads + h) * max_len + t];
-    float* acc = out + (seq * num_heads + h) * head_dim;
+    for (int64_t h = 0; h < num_heads; ++h) {  // scores -> weights exp(s - max); rescale what came before
+      float* s = scores + h * block_size;
+      const float block_max = *std::max_element(s, s + n);
+      const float new_max = start == 0 ? block_max : std::max(running_max[h], block_max);
+      if (start > 0 && new_max > running_max[h]) {
+        const float correction = std::exp(running_max[h] - new_max);
+        running_sum[h] *= correction;
+        for (int64_t d = 0; d < D; ++d) acc[h * D + d] *= correction;
+      }
+      running_max[h] = new_max;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        s[t] = std::exp(s[t] - new_max);
+        sum += s[t];
+      }
+      running_sum[h] += sum;
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const float* value = values + t * row_size;
+      if (has_next) prefetch_row(next_values + t * row_size, row_size);
+      for (int64_t h = 0; h < num_heads; ++h) {
+        const float weight = scores[h * block_size + t];
+        const float* value_h = value + (h / group) * D;
+        float* a = acc + h * D;
 #pragma omp simd
-    for (int64_t d = 0; d < head_dim; ++d) acc[d] += weight * value[d];
+        for (int64_t d = 0; d < D; ++d) a[d] += weight * value_h[d];
+      }
+    }
+  }
+  for (int64_t h = 0; h < num_heads; ++h) {
+    const float inverse_sum = 1.0f / running_sum[h];
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = acc[h * D + d] * inverse_sum;
+  }
+}
+
+// q [B, H, D] -> [B, H, D]; sequence b's keys and values: blocks block_tables[b], its first context_lens[b] tokens.
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  auto queries = q.contiguous();
+  check_inputs(queries, k_cache, v_cache, block_tables, context_lens);
+  const int64_t num_heads = queries.size(1), head_dim = queries.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2), max_blocks = block_tables.size(1);
+  auto out = torch::empty_like(queries);
+  const float* q_ptr = queries.data_ptr<float>();
+  const float* k_ptr = k_cache.data_ptr<float>();
+  const float* v_ptr = v_cache.data_ptr<float>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  float* out_ptr = out.data_ptr<float>();
+  const float softmax_scale = static_cast<float>(scale);
+  auto attend = head_dim == 64 ? attend_sequence<64> : head_dim == 128 ? attend_sequence<128> : attend_sequence<0>;
+  at::parallel_for(0, queries.size(0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(num_heads * (block_size + head_dim + 2));
+    for (int64_t seq = begin; seq < end; ++seq)
+      attend(q_ptr + seq * num_heads * head_dim, k_ptr, v_ptr, tables + seq * max_blocks, lens[seq], num_heads,
+             num_kv_heads, head_dim, block_size, softmax_scale, scratch.data(), out_ptr + seq * num_heads * head_dim);
   });
-  return values;
+  return out;
 }
 """
 
 
 def _build_name() -> str:
-    """The build is tuned to this CPU (-march=native): its name carries the CPU's feature flags, so a
-    cache shared by machines of different CPUs never hands one the other's build."""
+    """The build is tuned to this CPU (-march=native): its name carries the CPU's feature flags (and the
+    source), so a cache shared by machines of different CPUs never hands one the other's build."""
     flags = platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             flags += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    return "hexgen_paged_decode_attention_" + hashlib.sha1(flags.encode()).hexdigest()[:10]
+    return "hexgen_paged_decode_attention_" + hashlib.sha1((flags + _SOURCE).encode()).hexdigest()[:10]
 
 
 _lock = threading.Lock()
@@ -154,7 +195,7 @@ def _load_module():
 
 
 def _build():
-    """Build (or load the earlier build of) the loops. Processes take turns under an flock, which the
+    """Build (or load the earlier build of) the loop. Processes take turns under an flock, which the
     OS releases when its holder dies; the holder first removes a lock file that torch's own builder
     left behind in a process killed mid-build (torch would otherwise wait for it forever)."""
     import ninja  # the build tool torch's loader runs: the pip package's binary, if not on PATH
@@ -168,8 +209,8 @@ def _build():
     with open(build_dir.parent / f"{name}.flock", "w") as turn:
         fcntl.flock(turn, fcntl.LOCK_EX)
         (build_dir / "lock").unlink(missing_ok=True)
-        return load_inline(name=name, cpp_sources=_SOURCE, functions=["paged_scores", "paged_weighted_values"],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        return load_inline(name=name, cpp_sources=_SOURCE, functions=["paged_decode_attention"],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"],
                            build_directory=str(build_dir))
 
 
@@ -177,15 +218,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, H, D] float32 over the cache's blocks (block_tables [B, max_blocks], context_lens [B])
     -> [B, H, D]."""
-    module = _module
-    max_len = block_tables.shape[1] * k_cache.shape[1]
-    with torch.profiler.record_function("hexcore::paged_decode_attention"):  # the loops are no torch ops
-        scores = module.paged_scores(q, k_cache, block_tables, context_lens, max_len, scale)  # [B, H, L]
-        probs = torch.softmax(scores, dim=-1)
-        return module.paged_weighted_values(probs, v_cache, block_tables, context_lens)
+    with torch.profiler.record_function("hexcore::paged_decode_attention"):  # the loop is no torch op
+        return _module.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def load():
-    """`paged_decode_attention`, once its loops are built (on the first call in any process of this
+    """`paged_decode_attention`, once its loop is built (on the first call in any process of this
     machine; later calls and processes reuse the build), or None where they cannot be built."""
     return paged_decode_attention if _load_module() is not None else None

@@ -19,9 +19,9 @@ def kernel():
     return kernel
 
 
-def _step(num_heads: int, num_kv_heads: int, context_lens: list[int], query_lens: list[int]):
+def _step(num_heads: int, num_kv_heads: int, context_lens: list[int], query_lens: list[int], head_dim: int = 16):
     generator = torch.Generator().manual_seed(7)
-    head_dim, num_blocks = 16, 64
+    num_blocks = 64
     k_cache = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, generator=generator)
     v_cache = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, generator=generator)
     free = torch.randperm(num_blocks - 1, generator=generator).add(1).tolist()
@@ -55,14 +55,16 @@ def _reference(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scal
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (6, 2), (9, 3)])
 @pytest.mark.parametrize("query_lens", [[1, 1, 1, 1], [1, 5, 1, 3]])  # all decoding; decodes beside prompt chunks
+@pytest.mark.parametrize("head_dim", [16, 64])  # the kernel's generic loop, and one unrolled for 64
 @pytest.mark.parametrize("use_kernel", [False, True], ids=["torch path", "cpu kernel"])
-def test_paged_attention_matches_a_plain_reference(kernel, num_heads, num_kv_heads, query_lens, use_kernel):
-    context_lens = [1, 9, 16, 23]
-    q, k, v, k_cache, v_cache, tables = _step(num_heads, num_kv_heads, context_lens, query_lens)
-    expected = _reference(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale=16**-0.5)
+def test_paged_attention_matches_a_plain_reference(kernel, num_heads, num_kv_heads, query_lens, head_dim, use_kernel):
+    context_lens = [1, 9, 16, 23]  # within one block, across blocks, a full last block, a partial one
+    q, k, v, k_cache, v_cache, tables = _step(num_heads, num_kv_heads, context_lens, query_lens, head_dim)
+    scale = head_dim**-0.5
+    expected = _reference(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale)
     meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, torch.device("cpu"),
                                    decode_kernel=kernel if use_kernel else None)
-    got = paged_attention(q, k, v, k_cache, v_cache, meta, scale=16**-0.5)
+    got = paged_attention(q, k, v, k_cache, v_cache, meta, scale)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -103,3 +105,15 @@ def test_a_lock_left_by_a_killed_build_does_not_block_the_next_process(kernel, t
     open(os.path.join(build_dir, "lock"), "w").close()  # what a build killed by SIGKILL leaves
     code = "from hexcore import cpu_attention; assert cpu_attention.load() is not None"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_kernel_is_stable_for_large_scores(kernel):
+    """Scores in the hundreds overflow a naive exp; the running max keeps every weight finite."""
+    context_lens, query_lens = [23, 7], [1, 1]
+    q, k, v, k_cache, v_cache, tables = _step(6, 2, context_lens, query_lens, head_dim=64)
+    q = q * 100
+    expected = _reference(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale=64**-0.5)
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, torch.device("cpu"),
+                                   decode_kernel=kernel)
+    got = paged_attention(q, k, v, k_cache, v_cache, meta, scale=64**-0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
