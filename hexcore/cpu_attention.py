@@ -9,25 +9,15 @@ cached token's row (all its KV heads, contiguous in the block) once, in place, b
     acc [H, D] += exp(scores - max) . v        (the block's values), out = acc / sum
 
 while the next block is prefetched (blocks lie anywhere in the cache). The loop runs on torch's own
-thread pool (at::parallel_for over sequences), so a worker's thread budget holds. It is built with
-torch's C++ extension loader (a C++ compiler and ninja) into torch's extension cache the first time a
-process asks; `load()` returns None, logged once, where it cannot be built.
+thread pool (at::parallel_for over sequences), so a worker's thread budget holds. It is compiled on
+first use (hexcore/cpu_extension.py); `load()` returns None where it cannot be built.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import threading
-from pathlib import Path
-
 import torch
 
-log = logging.getLogger(__name__)
+from hexcore.cpu_extension import CppExtension
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -36,8 +26,7 @@ _SOURCE = r"""
 #include <cmath>
 #include <vector>
 
-// Built with -ffast-math (compile only, not link: the process's float environment is untouched) so
-// that the dot products may be reassociated and exp() vectorised. No infinities are used below.
+// Built with -ffast-math (hexcore/cpu_extension.py): no infinities or NaNs are relied on below.
 
 static void check_inputs(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                          const torch::Tensor& block_tables, const torch::Tensor& context_lens) {
@@ -165,53 +154,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 """
 
 
-def _build_name() -> str:
-    """The build is tuned to this CPU (-march=native): its name carries the CPU's feature flags (and the
-    source), so a cache shared by machines of different CPUs never hands one the other's build."""
-    flags = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return "hexgen_paged_decode_attention_" + hashlib.sha1((flags + _SOURCE).encode()).hexdigest()[:10]
-
-
-_lock = threading.Lock()
-_module = None
-_is_loaded = False
-
-
-def _load_module():
-    global _module, _is_loaded
-    with _lock:
-        if not _is_loaded:
-            _is_loaded = True
-            try:
-                _module = _build()
-            except Exception as err:  # no compiler or ninja: the torch path serves instead
-                log.warning("CPU decode-attention kernel unavailable (%s); using the torch path", err)
-    return _module
-
-
-def _build():
-    """Build (or load the earlier build of) the loop. Processes take turns under an flock, which the
-    OS releases when its holder dies; the holder first removes a lock file that torch's own builder
-    left behind in a process killed mid-build (torch would otherwise wait for it forever)."""
-    import ninja  # the build tool torch's loader runs: the pip package's binary, if not on PATH
-    from torch.utils.cpp_extension import get_default_build_root, load_inline
-
-    if shutil.which("ninja") is None:
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    name = _build_name()
-    build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with open(build_dir.parent / f"{name}.flock", "w") as turn:
-        fcntl.flock(turn, fcntl.LOCK_EX)
-        (build_dir / "lock").unlink(missing_ok=True)
-        return load_inline(name=name, cpp_sources=_SOURCE, functions=["paged_decode_attention"],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"],
-                           build_directory=str(build_dir))
+_EXTENSION = CppExtension("hexgen_paged_decode_attention", _SOURCE, ["paged_decode_attention"],
+                          "CPU decode-attention kernel")
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -219,10 +163,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """q [B, H, D] float32 over the cache's blocks (block_tables [B, max_blocks], context_lens [B])
     -> [B, H, D]."""
     with torch.profiler.record_function("hexcore::paged_decode_attention"):  # the loop is no torch op
-        return _module.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return _EXTENSION.module().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def load():
     """`paged_decode_attention`, once its loop is built (on the first call in any process of this
     machine; later calls and processes reuse the build), or None where they cannot be built."""
-    return paged_decode_attention if _load_module() is not None else None
+    return paged_decode_attention if _EXTENSION.module() is not None else None

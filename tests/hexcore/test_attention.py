@@ -8,6 +8,7 @@ import torch
 
 from hexcore import cpu_attention
 from hexcore.attention import AttentionMetadata, paged_attention
+from hexcore.cpu_extension import CppExtension
 
 BLOCK_SIZE = 4
 
@@ -88,9 +89,10 @@ def test_without_a_compiler_the_torch_path_serves(monkeypatch):
     def no_compiler():
         raise OSError("no C++ compiler")
 
-    monkeypatch.setattr(cpu_attention, "_is_loaded", False)
-    monkeypatch.setattr(cpu_attention, "_module", None)
-    monkeypatch.setattr(cpu_attention, "_build", no_compiler)
+    extension = cpu_attention._EXTENSION
+    unbuildable = CppExtension(extension.prefix, extension.source, extension.functions, extension.description)
+    monkeypatch.setattr(unbuildable, "_build", no_compiler)
+    monkeypatch.setattr(cpu_attention, "_EXTENSION", unbuildable)
     assert decode_attention_kernel(torch.device("cpu"), torch.float32) is None
 
 
@@ -101,7 +103,7 @@ def test_a_lock_left_by_a_killed_build_does_not_block_the_next_process(kernel, t
     from torch.utils.cpp_extension import get_default_build_root
 
     build_dir = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(),
-                             cpu_attention._build_name())
+                             cpu_attention._EXTENSION.build_name)
     open(os.path.join(build_dir, "lock"), "w").close()  # what a build killed by SIGKILL leaves
     code = "from hexcore import cpu_attention; assert cpu_attention.load() is not None"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

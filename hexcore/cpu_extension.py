@@ -1,0 +1,78 @@
+"""C++ loops for CPU workers, compiled for the host CPU the first time a process asks for them.
+
+torch's C++ extension loader (a C++ compiler and ninja) builds each source once per machine into
+torch's extension cache; later calls and processes load that build. Where it cannot be built (no
+compiler), `module()` logs why once and returns None, and the caller keeps its torch path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# -O3 and the host's vector units; -ffast-math lets loops reassociate sums and vectorise exp(). It is a
+# compile flag only: the link step does not get it, so the process's float environment is untouched.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+
+
+def _cpu_flags() -> str:
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return flags
+
+
+class CppExtension:
+    """One C++ source and the functions it exports, built on first use."""
+
+    def __init__(self, prefix: str, source: str, functions: list[str], description: str):
+        self.prefix, self.source, self.functions, self.description = prefix, source, functions, description
+        self._lock = threading.Lock()
+        self._module = None
+        self._is_loaded = False
+
+    @property
+    def build_name(self) -> str:
+        """The build is tuned to this CPU (-march=native): its name carries the CPU's feature flags (and
+        the source), so a cache shared by machines of different CPUs never hands one the other's build."""
+        return f"{self.prefix}_{hashlib.sha1((_cpu_flags() + self.source).encode()).hexdigest()[:10]}"
+
+    def module(self):
+        """The built module, or None where it cannot be built (logged once)."""
+        with self._lock:
+            if not self._is_loaded:
+                self._is_loaded = True
+                try:
+                    self._module = self._build()
+                except Exception as err:  # no compiler or ninja: the caller's torch path serves instead
+                    log.warning("%s unavailable (%s); using the torch path", self.description, err)
+        return self._module
+
+    def _build(self):
+        """Build (or load the earlier build). Processes take turns under an flock, which the OS releases
+        when its holder dies; the holder first removes a lock file that torch's own builder left behind
+        in a process killed mid-build (torch would otherwise wait for it forever)."""
+        import ninja  # the build tool torch's loader runs: the pip package's binary, if not on PATH
+        from torch.utils.cpp_extension import get_default_build_root, load_inline
+
+        if shutil.which("ninja") is None:
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        name = self.build_name
+        build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with open(build_dir.parent / f"{name}.flock", "w") as turn:
+            fcntl.flock(turn, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+            return load_inline(name=name, cpp_sources=self.source, functions=self.functions,
+                               extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build_dir))
