@@ -82,3 +82,13 @@ def decode_attention_kernel(device: torch.device, dtype: torch.dtype) -> Callabl
 
         return cpu_attention.load()
     return None
+
+
+def elementwise_kernels(device: torch.device, dtype: torch.dtype):
+    """One-pass RMSNorm and SiLU-and-mul (hexcore/cpu_elementwise.py) on CPU in float32, where they
+    build; None elsewhere: the model's torch ops."""
+    if device.type == "cpu" and dtype == torch.float32:
+        from hexcore import cpu_elementwise
+
+        return cpu_elementwise.load()
+    return None

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hexcore.attention import AttentionMetadata, paged_attention
+from hexcore.cpu_elementwise import ElementwiseKernels
+from hexcore.devices import elementwise_kernels
 from hexcore.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
 from hexcore.parallel import TPGroup, shard_range
 from hexcore.weights import Checkpoint
@@ -99,12 +101,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, kernels: ElementwiseKernels | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.rms_norm(x, self.weight, self.eps)
         normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)  # in float32, like the reference
         return self.weight * normed.to(x.dtype)
 
@@ -128,12 +133,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, gate_up: ColumnParallelLinear, down: RowParallelLinear):
+    def __init__(self, gate_up: ColumnParallelLinear, down: RowParallelLinear, kernels: ElementwiseKernels | None = None):
         super().__init__()
-        self.gate_up, self.down = gate_up, down
+        self.gate_up, self.down, self.kernels = gate_up, down, kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I/tp] each
+        gate_up = self.gate_up(x)  # [T, 2 I/tp]: gate columns, then up columns
+        if self.kernels is not None:
+            return self.down(self.kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
@@ -196,9 +204,10 @@ def load_stage(checkpoint: Checkpoint, dims: LlamaDims, rope: RopeSpec, first_la
     q_rows = (tp.rank * heads * dims.head_dim, (tp.rank + 1) * heads * dims.head_dim)
     kv_rows = (tp.rank * kv_heads * dims.head_dim, (tp.rank + 1) * kv_heads * dims.head_dim)
     mlp_rows = shard_range(dims.intermediate_size, tp.rank, tp.size)
+    kernels = elementwise_kernels(checkpoint.device, checkpoint.dtype)
 
     def norm(name: str) -> RMSNorm:
-        return RMSNorm(checkpoint.full(name), dims.rms_norm_eps)
+        return RMSNorm(checkpoint.full(name), dims.rms_norm_eps, kernels)
 
     layers = []
     for index in range(first_layer, first_layer + num_layers):
@@ -212,7 +221,7 @@ def load_stage(checkpoint: Checkpoint, dims: LlamaDims, rope: RopeSpec, first_la
                                    RowParallelLinear(checkpoint.cols(p + "self_attn.o_proj.weight", *q_rows), tp),
                                    heads, kv_heads, dims.head_dim)
         mlp = LlamaMLP(ColumnParallelLinear(gate_up),
-                       RowParallelLinear(checkpoint.cols(p + "mlp.down_proj.weight", *mlp_rows), tp))
+                       RowParallelLinear(checkpoint.cols(p + "mlp.down_proj.weight", *mlp_rows), tp), kernels)
         layers.append(LlamaDecoderLayer(norm(p + "input_layernorm.weight"), attention,
                                         norm(p + "post_attention_layernorm.weight"), mlp))
 
