@@ -63,11 +63,12 @@ def make_prompts(num_prompts: int, prompt_len: int, vocab_size: int, seed: int) 
     return ids.tolist()
 
 
-# What the last stage's final norm and tied 49152x576 LM head cost, in decoder layers of time, for a
-# 16-sequence micro-batch on one thread, from the workers' own step times (median of the last 200
-# steps), 2026-11-24 06:40 UTC with the in-place decode attention: 17 + 13 layers ran 63.5 and 70.7 ms
-# per step, 18 + 12 ran 66.7 and 66.3 ms: about 6 layers (it was about 4 before the attention got cheaper).
-HEAD_COST_IN_LAYERS = 6
+# What the last stage's final norm and tied 49152x576 LM head cost, in decoder layers of time, over a
+# whole run (one thread per stage, 16-sequence micro-batches): about 6 layers in a decode step, about
+# none in a prefill chunk (a few rows). From the workers' own busy time, 2026-11-24 09:35 UTC (fused
+# decode attention and norms): 18 + 12 layers computed 93.7 and 83.7 ms per step, 17 + 13 computed
+# 81.2 and 81.4 (was 6 on the engine before, whose decoder layers cost more next to the head).
+HEAD_COST_IN_LAYERS = 4
 
 
 def balanced_first_stage_layers(num_layers: int) -> int:
