@@ -84,6 +84,16 @@ def scored_token(logprobs: torch.Tensor, token_id: int, num_top: int) -> TokenLo
     return TokenLogprob(token_id, float(logprobs[token_id]), top)
 
 
+def is_plain_greedy(spec: SeqSampling) -> bool:
+    """The row's token is its logits' argmax: greedy, nothing banned or penalised, no logprobs."""
+    params = spec.params
+    return params.is_greedy and not spec.banned_token_ids and not params.has_penalties and params.logprobs is None
+
+
 def sample(logits: torch.Tensor, specs: list[SeqSampling]) -> list[TokenLogprob]:
-    """logits [N, V] float32, one row per spec."""
-    return [sample_one(row, spec) for row, spec in zip(logits, specs)]
+    """logits [N, V] float32, one row per spec. Plain greedy rows share one argmax over the batch
+    (the same token as their own argmax: one op instead of one per row)."""
+    is_plain = [is_plain_greedy(spec) for spec in specs]
+    best = logits.argmax(dim=-1).tolist() if any(is_plain) else []
+    return [TokenLogprob(best[i], 0.0) if is_plain[i] else sample_one(row, spec)
+            for i, (row, spec) in enumerate(zip(logits, specs))]

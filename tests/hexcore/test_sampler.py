@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hexcore.messages import SeqSampling
-from hexcore.sampler import filter_logits, sample_one
+from hexcore.sampler import filter_logits, sample, sample_one
 from hexcore.sampling_params import SamplingParams
 
 
@@ -60,3 +60,17 @@ def test_logprobs_are_of_the_raw_distribution():
     expected = torch.log_softmax(LOGITS, -1)
     assert abs(token.logprob - expected[1]) < 1e-6
     assert set(token.top) == {1, 2}
+
+
+def test_a_batch_gives_each_row_its_own_token():
+    """Plain greedy rows share one batched argmax; every row still gets what sampling it alone gives,
+    ties included (the first of equal maxima)."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(3))
+    logits[0, [7, 9]] = 10.0  # a tie
+    specs = [spec(temperature=0.0), spec(temperature=0.0, banned_token_ids=(int(logits[1].argmax()),)),
+             spec(temperature=0.8, seed=5), spec(temperature=0.0, logprobs=2),
+             spec(temperature=0.0, presence_penalty=1.5, output_token_ids=(int(logits[4].argmax()),)),
+             spec(temperature=0.0)]
+    batched = sample(logits, specs)
+    assert batched == [sample_one(row, s) for row, s in zip(logits, specs)]
+    assert batched[0].token_id == 7
