@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from hexcore import cpu_elementwise
 from hexcore.devices import elementwise_kernels
-from hexcore.llama import RMSNorm
+from hexcore.layers import ColumnParallelLinear, RowParallelLinear
+from hexcore.llama import LlamaMLP, RMSNorm
+from hexcore.parallel import SINGLE
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +41,14 @@ def test_bad_inputs_raise_instead_of_reading_astray(kernels):
         kernels.silu_and_mul(torch.randn(4, 8, dtype=torch.float64))
 
 
-def test_the_model_norm_gives_the_same_with_and_without_the_loops(kernels):
+def test_the_model_gives_the_same_with_and_without_the_loops(kernels):
+    """RMSNorm and the MLP: the loops (CPU float32) and the torch ops (every other device and dtype)."""
     weight, x = torch.randn(64), torch.randn(5, 64)
     torch.testing.assert_close(RMSNorm(weight, 1e-6, kernels)(x), RMSNorm(weight, 1e-6)(x))
+    gate_up, down = torch.randn(2 * 96, 64) * 0.1, torch.randn(64, 96) * 0.1
+    with_loops = LlamaMLP(ColumnParallelLinear(gate_up), RowParallelLinear(down, SINGLE), kernels)
+    torch_ops = LlamaMLP(ColumnParallelLinear(gate_up), RowParallelLinear(down, SINGLE))
+    torch.testing.assert_close(with_loops(x), torch_ops(x))
 
 
 def test_only_cpu_float32_gets_the_loops():
