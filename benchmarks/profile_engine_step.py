@@ -48,7 +48,7 @@ CATEGORIES = (
                            "aten::split", "aten::chunk", "aten::narrow", "aten::select", "aten::t",
                            "aten::to", "aten::_to_copy", "aten::empty_like", "aten::resize_",
                            "aten::detach", "aten::alias", "aten::lift_fresh")),
-    ("elementwise (norm, rope, silu, residual)", ("aten::mul", "aten::add", "aten::cat", "aten::neg",
+    ("elementwise (norm, rope, silu, residual)", ("hexcore::rms_norm", "hexcore::silu_and_mul", "aten::mul", "aten::add", "aten::cat", "aten::neg",
                                                  "aten::rsqrt", "aten::pow", "aten::mean", "aten::silu",
                                                  "aten::sub", "aten::div")),
     ("sampling (argmax)", ("aten::argmax", "aten::max")),
@@ -63,6 +63,26 @@ def categorise(name: str) -> str:
     return "other ops"
 
 
+def _label_elementwise_loops(model) -> None:
+    """The compiled RMSNorm and SiLU-and-mul loops are no torch ops: name them for the profiler."""
+    from hexcore.cpu_elementwise import ElementwiseKernels
+    from hexcore.llama import LlamaMLP, RMSNorm
+
+    def labelled(name, fn):
+        def call(*args):
+            with torch.profiler.record_function(name):
+                return fn(*args)
+        return call
+
+    modules = [m for m in model.modules() if isinstance(m, (RMSNorm, LlamaMLP)) and m.kernels is not None]
+    if modules:
+        kernels = modules[0].kernels
+        named = ElementwiseKernels(labelled("hexcore::rms_norm", kernels.rms_norm),
+                                   labelled("hexcore::silu_and_mul", kernels.silu_and_mul))
+        for module in modules:
+            module.kernels = named
+
+
 def build_runner(num_blocks: int, max_model_len: int) -> tuple[StageRunner, LlamaDims]:
     from transformers import AutoConfig
 
@@ -74,6 +94,7 @@ def build_runner(num_blocks: int, max_model_len: int) -> tuple[StageRunner, Llam
     checkpoint.close()
     kv_caches = allocate_kv_cache(dims.num_layers, num_blocks, BLOCK_SIZE, dims.num_kv_heads, dims.head_dim,
                                   torch.float32, torch.device("cpu"))
+    _label_elementwise_loops(model)
     stages = (StageLayout(0, dims.num_layers, (0,)),)
     return StageRunner(model, kv_caches, SINGLE, 0, 0, stages, BLOCK_SIZE, torch.device("cpu")), dims
 
