@@ -18,21 +18,24 @@ from hexcore.cpu_extension import CppExtension
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 
 static constexpr int64_t kElementsPerTask = 1 << 15;  // fewer and a wake-up costs more than it saves
 
-static void check_rows(const torch::Tensor& x) {
+// x [..., C] as contiguous rows [T, C] (a copy only if x is not contiguous).
+static torch::Tensor as_rows(const torch::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.dtype() == torch::kFloat32, "float32 CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "a contiguous [rows, columns] tensor");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "rows of at least one column");
+  return x.contiguous().view({-1, x.size(-1)});
 }
 
-// x [T, C] -> weight * x / sqrt(mean(x^2) + eps), row by row.
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  check_rows(x);
-  check_rows(weight.view({1, -1}));
+// x [..., C] -> weight * x / sqrt(mean(x^2) + eps), row by row.
+torch::Tensor rms_norm(torch::Tensor input, torch::Tensor weight, double eps) {
+  auto x = as_rows(input);
   const int64_t num_rows = x.size(0), num_cols = x.size(1);
-  TORCH_CHECK(weight.numel() == num_cols, "one weight per column");
+  TORCH_CHECK(weight.device().is_cpu() && weight.dtype() == torch::kFloat32 && weight.is_contiguous() &&
+              weight.numel() == num_cols, "one contiguous float32 weight per column");
   auto out = torch::empty_like(x);
   const float* in = x.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
@@ -50,12 +53,12 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
       for (int64_t c = 0; c < num_cols; ++c) out_row[c] = w[c] * (row[c] * inverse_rms);
     }
   });
-  return out;
+  return out.view(input.sizes());
 }
 
-// gate_up [T, 2I] (gate columns, then up columns) -> silu(gate) * up [T, I].
-torch::Tensor silu_and_mul(torch::Tensor gate_up) {
-  check_rows(gate_up);
+// gate_up [..., 2I] (gate columns, then up columns) -> silu(gate) * up [..., I].
+torch::Tensor silu_and_mul(torch::Tensor input) {
+  auto gate_up = as_rows(input);
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate and up halves of equal width");
   const int64_t num_rows = gate_up.size(0), width = gate_up.size(1) / 2;
   auto out = torch::empty({num_rows, width}, gate_up.options());
@@ -67,10 +70,14 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
       const float* up = gate + width;
       float* out_row = o + r * width;
 #pragma omp simd
-      for (int64_t c = 0; c < width; ++c) out_row[c] = gate[c] / (1.0f + std::exp(-gate[c])) * up[c];
+      // exp's argument is capped: past ~88 it overflows, and fast-math's reciprocal of inf is NaN,
+      // where silu is ~0 (at -80 the result is already below 1e-33 of the gate)
+      for (int64_t c = 0; c < width; ++c) out_row[c] = gate[c] / (1.0f + std::exp(std::min(-gate[c], 80.0f))) * up[c];
     }
   });
-  return out;
+  auto sizes = input.sizes().vec();
+  sizes.back() = width;
+  return out.view(sizes);
 }
 """
 
@@ -80,8 +87,8 @@ _EXTENSION = CppExtension("hexgen_cpu_elementwise", _SOURCE, ["rms_norm", "silu_
 
 @dataclass(frozen=True)
 class ElementwiseKernels:
-    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # x [T, C], weight [C], eps
-    silu_and_mul: Callable[[torch.Tensor], torch.Tensor]  # [T, 2I] -> [T, I]
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # x [..., C], weight [C], eps
+    silu_and_mul: Callable[[torch.Tensor], torch.Tensor]  # [..., 2I] -> [..., I]
 
 
 def load() -> ElementwiseKernels | None:

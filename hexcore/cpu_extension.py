@@ -45,8 +45,10 @@ class CppExtension:
     @property
     def build_name(self) -> str:
         """The build is tuned to this CPU (-march=native): its name carries the CPU's feature flags (and
-        the source), so a cache shared by machines of different CPUs never hands one the other's build."""
-        return f"{self.prefix}_{hashlib.sha1((_cpu_flags() + self.source).encode()).hexdigest()[:10]}"
+        the flags and source), so a cache shared by machines of different CPUs never hands one the
+        other's build."""
+        key = _cpu_flags() + " ".join(_CFLAGS) + self.source
+        return f"{self.prefix}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
     def module(self):
         """The built module, or None where it cannot be built (logged once)."""

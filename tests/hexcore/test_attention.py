@@ -20,13 +20,14 @@ def kernel():
     return kernel
 
 
-def _step(num_heads: int, num_kv_heads: int, context_lens: list[int], query_lens: list[int], head_dim: int = 16):
+def _step(num_heads: int, num_kv_heads: int, context_lens: list[int], query_lens: list[int], head_dim: int = 16,
+          block_size: int = BLOCK_SIZE):
     generator = torch.Generator().manual_seed(7)
     num_blocks = 64
-    k_cache = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, generator=generator)
-    v_cache = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, generator=generator)
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator)
     free = torch.randperm(num_blocks - 1, generator=generator).add(1).tolist()
-    tables = [[free.pop() for _ in range(-(-n // BLOCK_SIZE))] for n in context_lens]
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in context_lens]
     num_tokens = sum(query_lens)
     q = torch.randn(num_tokens, num_heads, head_dim, generator=generator)
     k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator)
@@ -39,11 +40,11 @@ def _reference(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scal
     keys back block by block, and attend causally with an explicit softmax (query head h reads KV head
     h // (H / Hkv), as HF's repeat_kv does)."""
     k_cache, v_cache, out, row = k_cache.clone(), v_cache.clone(), [], 0
-    group = q.shape[1] // k.shape[1]
+    group, block_size = q.shape[1] // k.shape[1], k_cache.shape[1]
     for num_new, length, table in zip(query_lens, context_lens, tables):
         for i, position in enumerate(range(length - num_new, length)):
-            k_cache[table[position // BLOCK_SIZE], position % BLOCK_SIZE] = k[row + i]
-            v_cache[table[position // BLOCK_SIZE], position % BLOCK_SIZE] = v[row + i]
+            k_cache[table[position // block_size], position % block_size] = k[row + i]
+            v_cache[table[position // block_size], position % block_size] = v[row + i]
         keys = torch.cat([k_cache[b] for b in table])[:length].repeat_interleave(group, dim=1)  # [L, H, D]
         values = torch.cat([v_cache[b] for b in table])[:length].repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[row : row + num_new], keys) * scale
@@ -119,3 +120,13 @@ def test_kernel_is_stable_for_large_scores(kernel):
                                    decode_kernel=kernel)
     got = paged_attention(q, k, v, k_cache, v_cache, meta, scale=64**-0.5)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_with_the_engine_block_size_and_a_128_head_dim(kernel):
+    """Block size 16 (the engine's default) and the other head dim the kernel unrolls."""
+    context_lens, query_lens = [1, 16, 17, 40], [1, 1, 1, 1]
+    q, k, v, k_cache, v_cache, tables = _step(9, 3, context_lens, query_lens, head_dim=128, block_size=16)
+    expected = _reference(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale=128**-0.5)
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, 16, torch.device("cpu"), decode_kernel=kernel)
+    got = paged_attention(q, k, v, k_cache, v_cache, meta, scale=128**-0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -32,13 +32,29 @@ def test_silu_and_mul_matches_torch(kernels, num_rows, width):
     torch.testing.assert_close(kernels.silu_and_mul(gate_up), F.silu(gate) * up)
 
 
+def test_silu_and_mul_stays_finite_where_exp_overflows(kernels):
+    gate_up = torch.tensor([[-100.0, -90.0, -88.0, 100.0, 1.0, 1.0, 1.0, 1.0]])
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_and_mul(gate_up), F.silu(gate) * up)
+
+
+def test_any_rows_any_layout(kernels):
+    """Like torch's ops: leading dims are rows, and a non-contiguous input is read as its values."""
+    x, weight = torch.randn(4, 6, 8).transpose(0, 1), torch.randn(8)
+    torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-5), weight * F.rms_norm(x, (8,), eps=1e-5))
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_and_mul(x), F.silu(gate) * up)
+
+
 def test_bad_inputs_raise_instead_of_reading_astray(kernels):
-    with pytest.raises(RuntimeError, match="contiguous"):
-        kernels.rms_norm(torch.randn(8, 4).t(), torch.randn(8), 1e-5)
-    with pytest.raises(RuntimeError, match="one weight per column"):
+    with pytest.raises(RuntimeError, match="one contiguous float32 weight per column"):
         kernels.rms_norm(torch.randn(4, 8), torch.randn(7), 1e-5)
     with pytest.raises(RuntimeError, match="float32"):
         kernels.silu_and_mul(torch.randn(4, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="at least one column"):
+        kernels.rms_norm(torch.randn(4, 0), torch.randn(0), 1e-5)
+    with pytest.raises(RuntimeError, match="halves of equal width"):
+        kernels.silu_and_mul(torch.randn(4, 7))
 
 
 def test_the_model_gives_the_same_with_and_without_the_loops(kernels):
