@@ -8,7 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 HEXGEN_HOME=/var/lib/hexgen \
     TORCH_EXTENSIONS_DIR=/var/lib/hexgen/torch_extensions
 WORKDIR /opt/hexgen
 
-# a C++ compiler: hexcore builds its CPU decode-attention loops for the host CPU on first use
+# a C++ compiler: hexcore builds its CPU loops (decode attention, norms) for the host CPU on first use
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 # torch first, from the CPU index (the default index would pull a multi-GB CUDA build)
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
