@@ -58,7 +58,8 @@ def test_ctrl_c_stops_the_driver_and_every_worker(tiny_model_dir, tmp_path):
         if __name__ == "__main__":
             with LLM(parse_config(deployment({str(tiny_model_dir)!r}, [(1, 4), (1, 4)]))) as llm:
                 print(*[p.pid for r in llm.core.replicas for p in r.workers.processes], flush=True)
-                time.sleep(600)
+                for _ in range(1200):  # short sleeps: the kernel may hand SIGINT to another of the process's
+                    time.sleep(0.5)    # threads, and then only the main thread's next wake-up raises it
     """))
     driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     pids = [int(pid) for pid in driver.stdout.readline().split()]
