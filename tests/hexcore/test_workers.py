@@ -50,7 +50,10 @@ def test_workers_stop_with_the_llm_also_after_an_exception(tiny_model_dir):
 def test_ctrl_c_stops_the_driver_and_every_worker(tiny_model_dir, tmp_path):
     script = tmp_path / "serve_forever.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        # a terminal's Ctrl-C: Python's handler even if this process inherited SIGINT ignored (as jobs
+        # started with & by a non-interactive shell do, and with them every child)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {os.getcwd()!r})
         from hexcore.config import parse_config
         from hexcore.llm import LLM
@@ -58,8 +61,7 @@ def test_ctrl_c_stops_the_driver_and_every_worker(tiny_model_dir, tmp_path):
         if __name__ == "__main__":
             with LLM(parse_config(deployment({str(tiny_model_dir)!r}, [(1, 4), (1, 4)]))) as llm:
                 print(*[p.pid for r in llm.core.replicas for p in r.workers.processes], flush=True)
-                for _ in range(1200):  # short sleeps: the kernel may hand SIGINT to another of the process's
-                    time.sleep(0.5)    # threads, and then only the main thread's next wake-up raises it
+                time.sleep(600)
     """))
     driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     pids = [int(pid) for pid in driver.stdout.readline().split()]
