@@ -8,8 +8,8 @@ Rows are split over torch's thread pool only when there are enough of them to pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -69,9 +69,9 @@ torch::Tensor silu_and_mul(torch::Tensor input) {
       const float* gate = in + r * 2 * width;
       const float* up = gate + width;
       float* out_row = o + r * width;
-#pragma omp simd
       // exp's argument is capped: past ~88 it overflows, and fast-math's reciprocal of inf is NaN,
       // where silu is ~0 (at -80 the result is already below 1e-33 of the gate)
+#pragma omp simd
       for (int64_t c = 0; c < width; ++c) out_row[c] = gate[c] / (1.0f + std::exp(std::min(-gate[c], 80.0f))) * up[c];
     }
   });

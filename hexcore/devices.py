@@ -1,16 +1,20 @@
 """Every device and backend choice in one place: which torch device a worker computes on, which
-torch.distributed backend its replica uses, how many threads it may take and how much memory it
-may give to the KV cache."""
+torch.distributed backend its replica uses, how many threads it may take, how much memory it
+may give to the KV cache, and which kernels (packed linear layers, compiled CPU loops) it runs."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from hexcore.config import Device
+
+if TYPE_CHECKING:
+    from hexcore.cpu_elementwise import ElementwiseKernels
 
 
 def distributed_backend(devices: list[Device]) -> str:
@@ -84,7 +88,7 @@ def decode_attention_kernel(device: torch.device, dtype: torch.dtype) -> Callabl
     return None
 
 
-def elementwise_kernels(device: torch.device, dtype: torch.dtype):
+def elementwise_kernels(device: torch.device, dtype: torch.dtype) -> ElementwiseKernels | None:
     """One-pass RMSNorm and SiLU-and-mul (hexcore/cpu_elementwise.py) on CPU in float32, where they
     build; None elsewhere: the model's torch ops."""
     if device.type == "cpu" and dtype == torch.float32:
