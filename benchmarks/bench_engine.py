@@ -3,7 +3,7 @@
 N concurrent requests of P prompt tokens and O output tokens (greedy, ignore_eos) on SmolLM2-135M:
 
   engine-tp1          one stage, all layers, 2 threads
-  engine-pp2          two single-thread stages (18 + 12 layers), micro-batched (2 in flight)
+  engine-pp2          two single-thread stages (17 + 13 layers: HEAD_COST_IN_LAYERS), micro-batched (2 in flight)
   engine-pp2-serial   the same two stages with one micro-batch (no overlap)
   hf-batch            transformers generate on all N prompts as one padded batch, 2 torch threads
   hf-sequential       transformers generate one prompt at a time (the first K prompts, extrapolated)

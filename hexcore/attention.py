@@ -78,10 +78,10 @@ class AttentionMetadata:
             row += num_new
         max_blocks = max((len(t) for t in decode_tables), default=0)
         padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
-        key_positions = torch.arange(max_blocks * block_size, device=device)
         lens = torch.tensor(decode_lens, dtype=torch.long, device=device)
         mask = None
         if decode_kernel is None:
+            key_positions = torch.arange(max_blocks * block_size, device=device)
             is_key = (key_positions[None, :] < lens[:, None])[:, None, None, :]
             mask = torch.zeros(is_key.shape, dtype=dtype, device=device).masked_fill_(~is_key, float("-inf"))
         return cls(

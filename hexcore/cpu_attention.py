@@ -163,8 +163,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, H, D] float32 over the cache's blocks (block_tables [B, max_blocks], context_lens [B])
     -> [B, H, D]."""
-    with torch.profiler.record_function("hexcore::paged_decode_attention"):  # the loop is no torch op
-        return _EXTENSION.module().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return _EXTENSION.module().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def load():

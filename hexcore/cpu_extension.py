@@ -51,14 +51,17 @@ class CppExtension:
         return f"{self.prefix}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
     def module(self):
-        """The built module, or None where it cannot be built (logged once)."""
-        with self._lock:
-            if not self._is_loaded:
-                self._is_loaded = True
-                try:
-                    self._module = self._build()
-                except Exception as err:  # no compiler or ninja: the caller's torch path serves instead
-                    log.warning("%s unavailable (%s); using the torch path", self.description, err)
+        """The built module, or None where it cannot be built (logged once). After the first call
+        this is two attribute reads: callers may ask on every use."""
+        if not self._is_loaded:
+            with self._lock:
+                if not self._is_loaded:
+                    try:
+                        self._module = self._build()
+                    except Exception as err:  # no compiler or ninja: the caller's torch path serves instead
+                        log.warning("%s unavailable (%s); using the torch path", self.description, err)
+                    finally:
+                        self._is_loaded = True
         return self._module
 
     def _build(self):

@@ -78,10 +78,15 @@ def linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
     return lambda x: F.linear(x, weight)
 
 
+def _has_cpu_loops(device: torch.device, dtype: torch.dtype) -> bool:
+    """hexcore's compiled C++ loops (hexcore/cpu_extension.py) are written for CPU float32."""
+    return device.type == "cpu" and dtype == torch.float32
+
+
 def decode_attention_kernel(device: torch.device, dtype: torch.dtype) -> Callable | None:
     """A paged decode-attention kernel that reads the KV cache in place, or None for the torch path:
     on CPU in float32, hexcore/cpu_attention.py (compiled on first use)."""
-    if device.type == "cpu" and dtype == torch.float32:
+    if _has_cpu_loops(device, dtype):
         from hexcore import cpu_attention
 
         return cpu_attention.load()
@@ -91,7 +96,7 @@ def decode_attention_kernel(device: torch.device, dtype: torch.dtype) -> Callabl
 def elementwise_kernels(device: torch.device, dtype: torch.dtype) -> ElementwiseKernels | None:
     """One-pass RMSNorm and SiLU-and-mul (hexcore/cpu_elementwise.py) on CPU in float32, where they
     build; None elsewhere: the model's torch ops."""
-    if device.type == "cpu" and dtype == torch.float32:
+    if _has_cpu_loops(device, dtype):
         from hexcore import cpu_elementwise
 
         return cpu_elementwise.load()
