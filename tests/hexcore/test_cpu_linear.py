@@ -1,0 +1,70 @@
+"""The packed-panel CPU linear loop against F.linear: every tile remainder, ragged panels, any layout."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hexcore import cpu_linear
+
+
+@pytest.fixture(scope="module")
+def linear():
+    assert cpu_linear.packed_linear(torch.randn(16, 4)) is not None, "the loop must build here (a C++ compiler and ninja)"
+    return cpu_linear.packed_linear
+
+
+def test_pack_lays_columns_out_in_zero_padded_k_major_panels():
+    weight = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)  # 20 outputs: a full panel and 4 columns
+    packed = cpu_linear.pack(weight)
+    assert packed.shape == (2, 3, 16)
+    assert torch.equal(packed[0], weight[:16].T)
+    assert torch.equal(packed[1, :, :4], weight[16:].T)
+    assert not packed[1, :, 4:].any()
+
+
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 6, 7, 11, 13, 32, 300])  # 6-row tiles and every remainder
+@pytest.mark.parametrize("num_out, num_in", [(64, 576), (100, 37), (7, 1536)])  # ragged last panel, one short panel
+def test_matches_f_linear(linear, num_rows, num_out, num_in):
+    generator = torch.Generator().manual_seed(num_rows * num_out)
+    weight = torch.randn(num_out, num_in, generator=generator)
+    x = torch.randn(num_rows, num_in, generator=generator)
+    torch.testing.assert_close(linear(weight)(x), F.linear(x, weight), rtol=1e-4, atol=1e-4)
+
+
+def test_more_rows_than_one_pass_holds(linear):
+    """Rows are taken in blocks that stay in cache (256 KiB of x: 42 rows at 1536 inputs)."""
+    weight, x = torch.randn(50, 1536), torch.randn(100, 1536)
+    torch.testing.assert_close(linear(weight)(x), F.linear(x, weight), rtol=1e-4, atol=1e-4)
+
+
+def test_any_leading_shape_any_layout_and_no_rows(linear):
+    weight = torch.randn(40, 8)
+    x = torch.randn(8, 3, 5).transpose(0, 2)  # [5, 3, 8], not contiguous
+    torch.testing.assert_close(linear(weight)(x), F.linear(x, weight), rtol=1e-4, atol=1e-4)
+    assert linear(weight)(torch.randn(0, 8)).shape == (0, 40)
+
+
+def test_threads_split_panels_without_changing_the_result(linear):
+    weight, x = torch.randn(1024, 576), torch.randn(32, 576)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = linear(weight)(x)
+        torch.set_num_threads(2)
+        two = linear(weight)(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each output is summed by one thread in the same order
+
+
+def test_bad_inputs_raise_instead_of_reading_astray(linear):
+    matmul = linear(torch.randn(20, 8))
+    with pytest.raises(RuntimeError, match="last dimension must be the weight's in_features"):
+        matmul(torch.randn(4, 7))
+    with pytest.raises(RuntimeError, match="float32"):
+        matmul(torch.randn(4, 8, dtype=torch.float64))
+    module = cpu_linear._EXTENSION.module()
+    with pytest.raises(RuntimeError, match="does not match the number of panels"):
+        module.packed_linear(torch.randn(4, 8), cpu_linear.pack(torch.randn(20, 8)), 33)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        module.packed_linear(torch.randn(4, 8), torch.randn(2, 16, 8).transpose(1, 2), 20)
