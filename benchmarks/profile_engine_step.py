@@ -36,7 +36,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
 # aten op name -> category; first matching prefix wins (self CPU time is summed per category).
 CATEGORIES = (
     ("linear (matmul)", ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear",
-                         "mkldnn::_linear_pointwise")),
+                         "mkldnn::_linear_pointwise", "hexcore::packed_linear")),
     ("KV gather (cache[block_tables])", ("aten::index",)),
     ("attention (SDPA, or the CPU kernel)", ("hexcore::paged_decode_attention", "aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_softmax",
                           "aten::softmax", "aten::baddbmm", "aten::masked_fill", "aten::where",
@@ -65,9 +65,10 @@ def categorise(name: str) -> str:
 
 
 def _label_compiled_loops(runner: StageRunner) -> None:
-    """hexcore's compiled C++ loops (decode attention, RMSNorm, SiLU-and-mul) are no torch ops: name
-    them for the profiler here, so that the engine's own hot path carries no labels."""
+    """hexcore's compiled C++ loops (linear layers, decode attention, RMSNorm, SiLU-and-mul) are no
+    torch ops: name them for the profiler here, so that the engine's own hot path carries no labels."""
     from hexcore.cpu_elementwise import ElementwiseKernels
+    from hexcore.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
     from hexcore.llama import LlamaMLP, RMSNorm
 
     def labelled(name, fn):
@@ -76,6 +77,9 @@ def _label_compiled_loops(runner: StageRunner) -> None:
                 return fn(*args)
         return call
 
+    for module in runner.model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)):
+            module.matmul = labelled("hexcore::packed_linear", module.matmul)
     if runner._decode_kernel is not None:
         runner._decode_kernel = labelled("hexcore::paged_decode_attention", runner._decode_kernel)
     modules = [m for m in runner.model.modules() if isinstance(m, (RMSNorm, LlamaMLP)) and m.kernels is not None]
