@@ -66,7 +66,9 @@ def run_trace(config: DeploymentConfig, requests: list[Request], seed: int = 0) 
         core = llm.core
         vocab = core.deployment.dims.vocab_size
         prompts = [[rng.randrange(vocab) for _ in range(r.prompt_len)] for r in requests]
-        llm.generate([prompts[0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+        # warm-up: one short request per replica (the router spreads requests added together), so no
+        # replica's first measured step pays for its worker's first-call costs (~150 ms on a prefill)
+        llm.generate([prompts[0][:8]] * len(core.replicas), SamplingParams(max_tokens=2, ignore_eos=True))
         shapes: dict[tuple[str, int], StepShape] = {}
         for replica in core.replicas:
             _record_submits(replica, shapes)
