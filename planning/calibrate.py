@@ -124,7 +124,7 @@ class Calibration:
     def device_file(self, name: str) -> DeviceFile:
         compute = self.device_compute
         pair = self.links[0]  # two workers: the link the planner's alpha-beta model describes
-        fit = self.overheads or OverheadFit(compute.tflops, 1.0, self.overhead_ms_per_layer, 0.0, 0.0)
+        fit = self.overheads or OverheadFit(compute.tflops, self.overhead_ms_per_layer, 0.0, 0.0)
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
         return DeviceFile(
             name=name,
@@ -135,7 +135,6 @@ class Calibration:
             overhead_ms_per_layer=round(fit.ms_per_layer, 4),
             overhead_ms_per_step=round(fit.ms_per_step, 4),
             overhead_us_per_kv_token=round(fit.us_per_kv_token, 4),
-            gemm_weight_passes=round(fit.gemm_weight_passes, 3),
             source=f"hexgen calibrate, {date}, {os.cpu_count()} cores, {self.num_threads} thread(s) per worker, {self.dtype}",
             link=LinkSpec(
                 bandwidth_gbps=round(pair.p2p.bytes_per_second * 8 / 1e9, 3),
@@ -236,7 +235,7 @@ def render(calibration: Calibration, name: str) -> str:
             f"#   {check.label}: {check.measured_s * 1e3:.3f} ms (spread {check.spread:.0%}) vs "
             f"{check.roofline_s * 1e3:.3f} ms, ratio {check.measured_s / check.roofline_s:.2f}"
         )
-    lines.append("#   (the cost model without its overheads; cpu: compute + memory time, see planning/cost_model.py)")
+    lines.append("#   (the cost model without its overheads: the roofline, see planning/cost_model.py)")
     if c.engine:
         lines.append("# The engine's own stage (hexcore StageRunner, embedding + N layers + LM head + sampling), "
                      "median of the repetitions:")
@@ -245,9 +244,9 @@ def render(calibration: Calibration, name: str) -> str:
         for t in c.engine:
             lines.append(f"#   {t.num_layers} layers, {t.shape.label}: {t.median_s * 1e3:.2f} ms (spread {t.spread:.0%}), "
                          f"fitted model {t.shape.step_time(fitted, t.num_layers) * 1e3:.2f} ms")
-        lines.append("#   tflops (the engine's effective compute), gemm_weight_passes, overhead_ms_per_layer, "
-                     "overhead_us_per_kv_token, overhead_ms_per_step:")
-        lines.append("#   non-negative least squares of these minus their memory time (planning/calibrate_engine.py).")
+        lines.append("#   tflops (the engine's effective compute), overhead_ms_per_layer, overhead_us_per_kv_token, "
+                     "overhead_ms_per_step:")
+        lines.append("#   fitted to these under the roofline (planning/calibrate_engine.py).")
     lines.append("# gloo between worker processes (1 thread each), alpha-beta fits of the mean time per call:")
     for link in c.links:
         lines.append(f"#   {link.num_workers} workers: p2p {_alpha_beta(link.p2p)}; all-reduce {_alpha_beta(link.all_reduce)}")

@@ -1,15 +1,15 @@
 """The engine's own stage on this machine, and the cost model's overheads fitted to it.
 
 One worker's hexcore StageRunner (its layers over the paged KV cache, the LM head and sampling) runs
-synthetic steps in this process, at two layer counts and several shapes. The cost model's memory
-time (weights and KV at the measured bandwidth) explains part of each step time; the rest is fitted,
-by non-negative least squares on relative errors, as
+synthetic steps in this process, at two layer counts and several shapes, and the cost model's free
+figures are fitted to them: the effective compute and three overheads in
 
-    rest = flops / effective_compute + (gemm_weight_passes - 1) * weight_time [steps of 2+ tokens]
-           + layers * (overhead_per_layer + overhead_per_kv_token * kv_read_tokens) + overhead_per_step
+    step time = [the roofline: per layer and for the head, max(flops / compute, bytes / bandwidth)]
+                + layers * (overhead_per_layer + overhead_per_kv_token * kv_read_tokens) + overhead_per_step
 
-which is how planning/cost_model.py adds them up on a cpu. The effective compute is what the engine's
-own GEMMs reach (a few hundred rows of 576 columns run well below a large square matmul's rate).
+with the bandwidth as measured (planning/cost_model.py adds them up the same way). The effective
+compute is what the engine's own GEMMs reach (a few hundred rows of 576 columns run below a large
+square matmul's rate).
 """
 
 from __future__ import annotations
@@ -122,51 +122,67 @@ def _batch(shape: StepShape, sampling):
 @dataclass(frozen=True)
 class OverheadFit:
     tflops: float  # effective compute of the engine's stage
-    gemm_weight_passes: float
     ms_per_layer: float
     us_per_kv_token: float
     ms_per_step: float
 
 
+# The effective compute is searched over this range (TFLOPS), on a log grid and then by golden section.
+COMPUTE_RANGE_TFLOPS = (1e-4, 1e3)
+NUM_GRID_POINTS = 200
+GOLDEN_SECTION_STEPS = 100
+
+
 def fit_overheads(timings: list[StageTiming], model: ModelSpec, device: DeviceSpec) -> OverheadFit:
-    """Non-negative least squares of (measured - one weight pass and the KV reads at the measured
-    bandwidth) over the five terms, each row scaled by 1 / measured so short and long steps count alike.
-    The exact NNLS with so few unknowns: the best of the unconstrained fits, over every subset of terms
-    that includes compute, whose coefficients are all non-negative. A term's regressor is read off the
-    cost model itself (e.g. flops: its time at 1 TFLOPS with infinite bandwidth and no overheads)."""
+    """The effective compute and the three overheads that best explain the timings, each timing's
+    error relative to it (short and long steps count alike). For a given compute rate the overheads
+    enter linearly: exact non-negative least squares (the best unconstrained fit over every subset of
+    the three terms whose coefficients are all non-negative). The rate itself is searched: the error
+    on a log grid, then a golden-section refinement around the grid's best point. Regressors are read
+    off the cost model itself, so the fit and the model cannot disagree on what a term means."""
     bare = {"overhead_ms_per_layer": 0.0, "overhead_ms_per_step": 0.0, "overhead_us_per_kv_token": 0.0,
             "gemm_weight_passes": 1.0}
     link = LinkSpec(bandwidth_gbps=1, latency_ms=0)
+    measured = np.array([t.median_s for t in timings])
+    overhead_rows = np.array([[t.num_layers, t.num_layers * t.shape.num_seqs * t.shape.context_len, 1.0]
+                              for t in timings]) / measured[:, None]
 
-    def cost(**update) -> StageCost:
-        return StageCost(model, device.model_copy(update={**bare, **update}), 1, link, True, True)
+    def fit_at(log_tflops: float) -> tuple[float, np.ndarray]:
+        stage = StageCost(model, device.model_copy(update={**bare, "tflops": math.exp(log_tflops)}), 1, link, True, True)
+        rest = (measured - np.array([t.shape.step_time(stage, t.num_layers) for t in timings])) / measured
+        return _nonnegative_least_squares(overhead_rows, rest)
 
-    memory_only, two_passes = cost(tflops=1e12), cost(tflops=1e12, gemm_weight_passes=2.0)
-    compute_only = cost(tflops=1.0, mem_bandwidth_gbs=1e12)
-    rows, rest = [], []
-    for t in timings:
-        s, layers = t.shape, t.num_layers
-        memory = s.step_time(memory_only, layers)
-        rows.append([s.step_time(compute_only, layers), s.step_time(two_passes, layers) - memory,
-                     layers, layers * s.num_seqs * s.context_len, 1.0])
-        rest.append(t.median_s - memory)
-    weights = 1.0 / np.array([t.median_s for t in timings])
-    a, b = np.array(rows) * weights[:, None], np.array(rest) * weights
+    low, high = (math.log(x) for x in COMPUTE_RANGE_TFLOPS)
+    grid = np.linspace(low, high, NUM_GRID_POINTS)
+    errors = [fit_at(x)[0] for x in grid]
+    best = int(np.argmin(errors))
+    a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(GOLDEN_SECTION_STEPS):
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+        if fit_at(c)[0] <= fit_at(d)[0]:
+            b = d
+        else:
+            a = c
+    log_tflops = (a + b) / 2
+    _error, overheads = fit_at(log_tflops)
+    per_layer, per_kv_token, per_step = overheads
+    return OverheadFit(tflops=math.exp(log_tflops), ms_per_layer=float(per_layer * 1e3),
+                       us_per_kv_token=float(per_kv_token * 1e6), ms_per_step=float(per_step * 1e3))
+
+
+def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray]:
+    """(squared error, x >= 0) minimising |a x - b|^2: with so few columns, the best of the
+    unconstrained fits over every subset of them whose coefficients are all non-negative."""
     num_terms = a.shape[1]
-    best, best_error = None, math.inf
+    best_error, best = float(np.sum(b ** 2)), np.zeros(num_terms)  # the empty subset
     for size in range(1, num_terms + 1):
         for columns in itertools.combinations(range(num_terms), size):
-            if 0 not in columns:  # compute time is never free
-                continue
             x, *_ = np.linalg.lstsq(a[:, columns], b, rcond=None)
-            if np.all(x >= 0) and x[0] > 0:
+            if np.all(x >= 0):
                 coefficients = np.zeros(num_terms)
                 coefficients[list(columns)] = x
                 error = float(np.sum((a @ coefficients - b) ** 2))
                 if error < best_error:
-                    best, best_error = coefficients, error
-    if best is None:
-        raise ValueError("the engine's stage timings fit no non-negative cost model (steps faster than memory allows?)")
-    return OverheadFit(tflops=float(1.0 / best[0]), gemm_weight_passes=float(1.0 + best[1]),
-                       ms_per_layer=float(best[2] * 1e3), us_per_kv_token=float(best[3] * 1e6),
-                       ms_per_step=float(best[4] * 1e3))
+                    best_error, best = error, coefficients
+    return best_error, best

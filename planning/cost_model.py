@@ -7,23 +7,22 @@ group sets the pace, so a group is described by its slowest figures):
     flops per layer   = (2 * P * num_tokens + 4 * H * attended_pairs) / tp
     bytes per layer   = (P * B * passes + kv_bytes_per_token * kv_read_tokens) / tp
                         passes = 1 for one token, gemm_weight_passes for more (see below)
-    layer time        = max(flops / compute, bytes / mem_bandwidth)            (roofline, kind cuda)
-                        or flops / compute + bytes / mem_bandwidth             (kind cpu, see below)
+    layer time        = max(flops / compute, bytes / mem_bandwidth)            (roofline)
                         + 2 * allreduce(num_tokens * H * B)                     (attention and MLP outputs)
                         + overhead_per_layer + overhead_per_kv_token * kv_read_tokens / tp
     step time         = layers * layer time + overhead_per_step
-                        + on the last stage, the LM head: combine(2*H*V*num_sampled / tp / compute,
-                                                                    V*H*B / tp / mem_bandwidth)
-                          (combine = max for cuda, + for cpu, as for the layers)
+                        + on the last stage, the LM head: max(2*H*V*num_sampled / tp / compute,
+                                                              V*H*B / tp / mem_bandwidth)
 
-A CPU core hardly overlaps streaming weights with computing on them (one thread does both, and small
-batches run as GEMV-like kernels), so on `kind: cpu` the two terms add up: measured one-layer decode
-on this project's 2-core machine is within 3-50% of the sum, but 1.7-3.4x the maximum. The per-KV-token
-overhead is the paged attention's gather and masking beyond the raw KV bytes. A step of several
-tokens runs GEMM kernels that pack the weights before multiplying, one token a GEMV that streams them
-once: on this machine going from 1 to 2 decoding sequences costs about as much as another weight pass.
-Calibration fits the passes, the three overheads and the effective compute to the engine's own stage
-(planning/calibrate_engine.py); GPUs keep the defaults (one pass, no overheads).
+A CPU worker is a roofline too: hexcore's linear layers prefetch the next block of weights while they
+multiply by the current one (hexcore/cpu_linear.py), so streaming and computing overlap. On this
+project's 2-core machine the engine's stage at 1-4 decoding sequences takes the time of its weight
+stream, at 16 or a prefill that of its arithmetic (calibration residuals 1-7%; adding the two terms,
+as the model did for the kernels before, was off by up to 14%). The per-KV-token overhead is the
+paged attention's gather beyond the raw KV bytes. `gemm_weight_passes` (default 1) is for devices
+whose multi-token GEMMs stream the weights more than once. Calibration fits the effective compute and
+the three overheads to the engine's own stage (planning/calibrate_engine.py); GPUs keep the defaults
+(no overheads).
 
 P = parameters of one layer (ModelSpec.params_per_layer: Q/O, K/V sized by KV heads, gated MLP of the
 model's intermediate size), H = hidden size, B = bytes per element, V = vocabulary size.
@@ -95,13 +94,7 @@ class StageCost:
         c = self._coefficients
         weights = c[2] if num_tokens <= 1 else c[2] * c[7]
         flops, memory = num_tokens * c[0] + attended_pairs * c[1], weights + kv_read_tokens * c[3]
-        compute = flops + memory if self._is_additive else max(flops, memory)
-        return compute + c[4] + num_tokens * c[5] + kv_read_tokens * c[6]
-
-    @property
-    def _is_additive(self) -> bool:
-        """Compute and memory time add up (a CPU) instead of overlapping (a GPU)."""
-        return self.device.kind == "cpu"
+        return max(flops, memory) + c[4] + num_tokens * c[5] + kv_read_tokens * c[6]
 
     @cached_property
     def _coefficients(self) -> tuple[float, ...]:
@@ -131,7 +124,7 @@ class StageCost:
             flops = num_sampled * head_per_sample
             if num_sampled > 1:
                 head_bytes *= self.device.gemm_weight_passes
-            return overhead + (flops + head_bytes if self._is_additive else max(flops, head_bytes))
+            return overhead + max(flops, head_bytes)
         return overhead
 
     @cached_property
