@@ -34,7 +34,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cstring>
 
-typedef float vec8 __attribute__((vector_size(32), aligned(4)));  // 8 floats, any alignment
+typedef float vec8 __attribute__((vector_size(32), aligned(4), may_alias));  // 8 floats, any alignment
 static constexpr int64_t kPanelWidth = 16;
 static constexpr int kTileRows = 6;                  // 6 x 2 accumulators + 2 weight vectors fit 16 registers
 static constexpr int64_t kRowBlockBytes = 1 << 18;   // rows of x handled per pass: they stay in L2
@@ -99,8 +99,9 @@ torch::Tensor packed_linear(torch::Tensor input, torch::Tensor packed, int64_t o
   TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(2) == kPanelWidth && packed.size(1) > 0,
               "packed must be a contiguous [panels, in_features, 16]");
   const int64_t num_panels = packed.size(0), K = packed.size(1), N = out_features;
-  TORCH_CHECK(N > (num_panels - 1) * kPanelWidth && N <= num_panels * kPanelWidth,
+  TORCH_CHECK(N >= 0 && N > (num_panels - 1) * kPanelWidth && N <= num_panels * kPanelWidth,
               "out_features does not match the number of panels");
+  TORCH_CHECK(!input.requires_grad() && !packed.requires_grad(), "inference only: the loop records no gradient");
   TORCH_CHECK(input.dim() >= 1 && input.size(-1) == K, "input's last dimension must be the weight's in_features");
   auto x = input.contiguous().view({-1, K});
   const int64_t M = x.size(0);
@@ -130,11 +131,15 @@ _EXTENSION = CppExtension("hexgen_cpu_linear", _SOURCE, ["packed_linear"], "CPU 
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] -> panels [ceil(N / 16), K, 16]: column block p, k-major, zero-padded."""
+    """weight [N, K] -> panels [ceil(N / 16), K, 16]: column block p, k-major, zero-padded (one new
+    tensor: the LM head is 113 MB)."""
     num_out, num_in = weight.shape
-    num_panels = -(-num_out // PANEL_WIDTH)
-    padded = F.pad(weight, (0, 0, 0, num_panels * PANEL_WIDTH - num_out))
-    return padded.view(num_panels, PANEL_WIDTH, num_in).transpose(1, 2).contiguous()
+    num_full, num_rest = divmod(num_out, PANEL_WIDTH)
+    packed = weight.new_zeros(num_full + bool(num_rest), num_in, PANEL_WIDTH)
+    packed[:num_full] = weight[: num_full * PANEL_WIDTH].view(num_full, PANEL_WIDTH, num_in).transpose(1, 2)
+    if num_rest:
+        packed[num_full, :, :num_rest] = weight[num_full * PANEL_WIDTH:].T
+    return packed
 
 
 def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -142,7 +147,7 @@ def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
     caller drops the plain weight), or None where the loop cannot be built (built on first use on
     this machine; later calls and processes reuse the build)."""
     module = _EXTENSION.module()
-    if module is None:
+    if module is None or weight.numel() == 0:  # an empty weight: F.linear's zeros serve
         return None
     packed, num_out = pack(weight), weight.shape[0]
     return lambda x: module.packed_linear(x, packed, num_out)

@@ -45,7 +45,7 @@ def test_any_leading_shape_any_layout_and_no_rows(linear):
 
 
 def test_threads_split_panels_without_changing_the_result(linear):
-    weight, x = torch.randn(1024, 576), torch.randn(32, 576)
+    weight, x = torch.randn(1009, 576), torch.randn(32, 576)  # a ragged last panel, split over threads
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -54,6 +54,7 @@ def test_threads_split_panels_without_changing_the_result(linear):
         two = linear(weight)(x)
     finally:
         torch.set_num_threads(threads)
+    torch.testing.assert_close(two, F.linear(x, weight), rtol=1e-4, atol=1e-4)
     assert torch.equal(one, two)  # each output is summed by one thread in the same order
 
 
@@ -63,8 +64,19 @@ def test_bad_inputs_raise_instead_of_reading_astray(linear):
         matmul(torch.randn(4, 7))
     with pytest.raises(RuntimeError, match="float32"):
         matmul(torch.randn(4, 8, dtype=torch.float64))
-    module = cpu_linear._EXTENSION.module()
-    with pytest.raises(RuntimeError, match="does not match the number of panels"):
-        module.packed_linear(torch.randn(4, 8), cpu_linear.pack(torch.randn(20, 8)), 33)
+    with pytest.raises(RuntimeError, match="inference only"):
+        matmul(torch.randn(4, 8, requires_grad=True))
+    module, packed = cpu_linear._EXTENSION.module(), cpu_linear.pack(torch.randn(20, 8))  # 2 panels
+    for out_features in (33, 16, -1):  # more than 2 panels hold, fewer than 2 panels need, negative
+        with pytest.raises(RuntimeError, match="does not match the number of panels"):
+            module.packed_linear(torch.randn(4, 8), packed, out_features)
     with pytest.raises(RuntimeError, match="contiguous"):
         module.packed_linear(torch.randn(4, 8), torch.randn(2, 16, 8).transpose(1, 2), 20)
+    with pytest.raises(RuntimeError, match=r"\[panels, in_features, 16\]"):
+        module.packed_linear(torch.randn(4, 8), torch.randn(2, 8, 8), 20)
+    with pytest.raises(RuntimeError, match="float32"):
+        module.packed_linear(torch.randn(4, 8), packed.double(), 20)
+
+
+def test_an_empty_weight_is_left_to_torch(linear):
+    assert linear(torch.randn(16, 0)) is None

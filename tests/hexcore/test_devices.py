@@ -9,12 +9,15 @@ from hexcore.devices import PACKED_WEIGHT_MIN_ELEMENTS, linear_kernel
 
 
 def _kernel_run(kernel, x) -> str:
+    """Which kernel ran: oneDNN's op, torch's linear, or neither torch matmul (the compiled loop)."""
     with torch.profiler.profile() as profile:
         kernel(x)
     ops = {event.name for event in profile.events()}
     if "mkldnn::_linear_pointwise" in ops:
         return "oneDNN"
-    return "F.linear" if "aten::linear" in ops else "panels"
+    if "aten::linear" in ops:
+        return "F.linear"
+    return "other torch matmul" if ops & {"aten::mm", "aten::addmm", "aten::matmul", "aten::bmm"} else "panels"
 
 
 @pytest.fixture(params=["panels", "oneDNN"])
