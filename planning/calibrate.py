@@ -24,7 +24,8 @@ import torch
 import yaml
 
 from planning.calibrate_device import DTYPES, ComputeMeasurement, LayerBench, measure_compute
-from planning.calibrate_engine import QUICK_SHAPES, SHAPES, OverheadFit, StageTiming, fit_overheads, time_engine_stage
+from planning.calibrate_engine import (QUICK_SHAPES, SHAPES, OverheadFit, StageTiming, faster_than_memory, fit_overheads,
+                                      time_engine_stage)
 from planning.calibrate_links import LinkMeasurement, measure_links
 from planning.calibrate_tp import TPGroupFit, fit_tp_allreduce_latency
 from planning.cost_model import StageCost
@@ -178,6 +179,9 @@ def calibrate(dtype: str, num_threads: int, budget: Budget, log=lambda line: Non
                         mem_bandwidth_gbs=device_compute.mem_bandwidth_gbs, kind="cpu")
     overheads = fit_overheads(engine, model, device)
     log(f"engine stage overheads: {overheads}")
+    for t in faster_than_memory(engine, model, device):
+        log(f"warning: {t.num_layers} layers, {t.shape.label} took {t.median_s * 1e3:.2f} ms, less than its memory "
+            f"time at {device.mem_bandwidth_gbs:.1f} GB/s: the bandwidth measured low (a busy machine?); re-run")
     calibration = Calibration(dtype, num_threads, memory_gb, tuple(compute), tuple(layers), tuple(links),
                               tuple(engine), overheads)
     if num_threads != 1:  # the TP stages measured run single-thread workers, as the fidelity check does

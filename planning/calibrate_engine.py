@@ -127,10 +127,14 @@ class OverheadFit:
     ms_per_step: float
 
 
-# The effective compute is searched over this range (TFLOPS), on a log grid and then by golden section.
+# The effective compute is searched over this range (TFLOPS), on a log grid and then by golden section
+# (60 steps shrink the bracket by 0.618^60 ~ 3e-13, below double precision's relative step).
 COMPUTE_RANGE_TFLOPS = (1e-4, 1e3)
 NUM_GRID_POINTS = 200
-GOLDEN_SECTION_STEPS = 100
+GOLDEN_SECTION_STEPS = 60
+_BARE = {"overhead_ms_per_layer": 0.0, "overhead_ms_per_step": 0.0, "overhead_us_per_kv_token": 0.0,
+         "gemm_weight_passes": 1.0}
+_NO_LINK = LinkSpec(bandwidth_gbps=1, latency_ms=0)
 
 
 def fit_overheads(timings: list[StageTiming], model: ModelSpec, device: DeviceSpec) -> OverheadFit:
@@ -140,35 +144,44 @@ def fit_overheads(timings: list[StageTiming], model: ModelSpec, device: DeviceSp
     the three terms whose coefficients are all non-negative). The rate itself is searched: the error
     on a log grid, then a golden-section refinement around the grid's best point. Regressors are read
     off the cost model itself, so the fit and the model cannot disagree on what a term means."""
-    bare = {"overhead_ms_per_layer": 0.0, "overhead_ms_per_step": 0.0, "overhead_us_per_kv_token": 0.0,
-            "gemm_weight_passes": 1.0}
-    link = LinkSpec(bandwidth_gbps=1, latency_ms=0)
     measured = np.array([t.median_s for t in timings])
     overhead_rows = np.array([[t.num_layers, t.num_layers * t.shape.num_seqs * t.shape.context_len, 1.0]
                               for t in timings]) / measured[:, None]
 
     def fit_at(log_tflops: float) -> tuple[float, np.ndarray]:
-        stage = StageCost(model, device.model_copy(update={**bare, "tflops": math.exp(log_tflops)}), 1, link, True, True)
+        stage = StageCost(model, device.model_copy(update={**_BARE, "tflops": math.exp(log_tflops)}), 1, _NO_LINK,
+                          True, True)
         rest = (measured - np.array([t.shape.step_time(stage, t.num_layers) for t in timings])) / measured
         return _nonnegative_least_squares(overhead_rows, rest)
 
     low, high = (math.log(x) for x in COMPUTE_RANGE_TFLOPS)
     grid = np.linspace(low, high, NUM_GRID_POINTS)
-    errors = [fit_at(x)[0] for x in grid]
-    best = int(np.argmin(errors))
+    best = int(np.argmin([fit_at(x)[0] for x in grid]))
     a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
     ratio = (math.sqrt(5) - 1) / 2
-    for _ in range(GOLDEN_SECTION_STEPS):
-        c, d = b - ratio * (b - a), a + ratio * (b - a)
-        if fit_at(c)[0] <= fit_at(d)[0]:
-            b = d
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    error_c, error_d = fit_at(c)[0], fit_at(d)[0]
+    for _ in range(GOLDEN_SECTION_STEPS):  # one new point per step: the other inner point carries over
+        if error_c <= error_d:
+            b, d, error_d = d, c, error_c
+            c = b - ratio * (b - a)
+            error_c = fit_at(c)[0]
         else:
-            a = c
+            a, c, error_c = c, d, error_d
+            d = a + ratio * (b - a)
+            error_d = fit_at(d)[0]
     log_tflops = (a + b) / 2
-    _error, overheads = fit_at(log_tflops)
-    per_layer, per_kv_token, per_step = overheads
+    per_layer, per_kv_token, per_step = fit_at(log_tflops)[1]
     return OverheadFit(tflops=math.exp(log_tflops), ms_per_layer=float(per_layer * 1e3),
                        us_per_kv_token=float(per_kv_token * 1e6), ms_per_step=float(per_step * 1e3))
+
+
+def faster_than_memory(timings: list[StageTiming], model: ModelSpec, device: DeviceSpec) -> list[StageTiming]:
+    """The steps that ran faster than their weights and KV can stream at the device's bandwidth: none
+    on a sound measurement; some when the bandwidth was measured low (a busy machine), which the fit
+    then absorbs into a wrong compute rate."""
+    memory_only = StageCost(model, device.model_copy(update={**_BARE, "tflops": 1e12}), 1, _NO_LINK, True, True)
+    return [t for t in timings if t.median_s < t.shape.step_time(memory_only, t.num_layers)]
 
 
 def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray]:

@@ -15,7 +15,7 @@ kind: cpu                  # device names in plans become `cpu` instead of `cuda
 overhead_ms_per_layer: 0.05
 overhead_ms_per_step: 1.0
 overhead_us_per_kv_token: 0.5  # per cached token attention reads, per layer (paged-KV gather)
-gemm_weight_passes: 2.0     # weight streams of a multi-token step (1 for a single token)
+gemm_weight_passes: 1.0     # optional, set by hand: weight streams of a multi-token step (default 1)
 source: "hexgen calibrate, 2026-11-24, 2 cores"
 link: {bandwidth_gbps: 20, latency_ms: 0.05, allreduce_latency_ms: 0.1,   # optional, between workers
        allreduce_latency_ms_by_tp: {2: 0.1, 3: 0.4}}                     # optional, per group size
@@ -51,7 +51,8 @@ class DeviceSpec(_Spec):
     overhead_ms_per_layer: float = Field(default=0.0, ge=0)  # fixed cost per layer per step
     overhead_ms_per_step: float = Field(default=0.0, ge=0)  # fixed cost per stage per step
     overhead_us_per_kv_token: float = Field(default=0.0, ge=0)  # per cached token read, per layer
-    # times a step of more than one token streams the weights (CPU GEMM kernels pack them first)
+    # times a step of more than one token streams the weights: for kernels that re-read them (set by hand;
+    # calibration fits hexcore's CPU loop, which streams them once)
     gemm_weight_passes: float = Field(default=1.0, ge=1)
     source: str | None = None
 

@@ -6,11 +6,11 @@ import math
 import pytest
 
 from hexcore.config import check_against_model
-from planning.calibrate_engine import StageTiming, StepShape as CalibrationShape, fit_overheads
+from planning.calibrate_engine import StageTiming, StepShape as CalibrationShape, faster_than_memory, fit_overheads
 from planning.cost_model import StageCost, allreduce_time
 from planning.devices import DeviceFile, DeviceSpec, LinkSpec
-from planning.fidelity import (DEPLOYMENTS, METRICS, Figures, Row, deployment_config, markdown_table, shared_device,
-                               predicted_costs, rows_of, step_seconds, summary)
+from planning.fidelity import (DEPLOYMENTS, METRICS, Figures, Row, as_planned, deployment_config, markdown_table,
+                               shared_device, predicted_costs, rows_of, step_seconds, summary)
 from planning.calibrate_tp import latency_per_call
 from planning.fidelity_engine import MeasuredStep, StepShape
 from planning.models import load_model
@@ -115,10 +115,22 @@ def test_overhead_fit_recovers_the_parameters_that_made_the_timings():
     fit = fit_overheads(timings, SMOLLM, measured_device)
     assert fit.tflops == pytest.approx(0.05, rel=1e-6)
     assert (fit.ms_per_layer, fit.us_per_kv_token, fit.ms_per_step) == pytest.approx((0.7, 1.5, 3.0), rel=1e-5)
-    # overheads are never negative: steps faster than the roofline get none
+    assert faster_than_memory(timings, SMOLLM, measured_device) == []
+    # three times faster: decode steps beat their weight stream, which calibrate flags; prefill is compute
     fast = [StageTiming(t.shape, t.num_layers, t.median_s / 3, 0.0) for t in timings]
-    fit = fit_overheads(fast, SMOLLM, measured_device)
-    assert min(fit.ms_per_layer, fit.us_per_kv_token, fit.ms_per_step) >= 0
+    flagged = {(t.shape, t.num_layers) for t in faster_than_memory(fast, SMOLLM, measured_device)}
+    assert (CalibrationShape(1, 1, 128), 30) in flagged and not any(shape.num_new_tokens > 1 for shape, _ in flagged)
+
+
+def test_deployments_run_as_planned_with_each_replicas_predicted_throughput():
+    config = deployment_config("2xTP1")
+    costs = predicted_costs(config, DEVICE)
+    workload = WorkloadSpec(rate=2.0, prompt_len=64, output_len=32, slo_seconds=1e9, num_requests=24)
+    planned = as_planned(config, costs, workload)
+    first, second = (r.predicted_throughput_rps for r in planned.replicas)
+    assert first == second == pytest.approx(costs[0].throughput_rps(64, 32, 96)) and first > 0
+    assert [r.stages for r in planned.replicas] == [r.stages for r in config.replicas]
+    assert all(r.predicted_throughput_rps is None for r in config.replicas)  # the input is left as it was
 
 
 def test_workers_beyond_the_cores_share_them():
