@@ -97,6 +97,17 @@ def predicted_costs(config: DeploymentConfig, device_file: DeviceFile, num_cores
     return replica_costs(cluster, model, config, plan_from_config(config, cluster))
 
 
+def as_planned(config: DeploymentConfig, costs: list[ReplicaCost], workload: WorkloadSpec) -> DeploymentConfig:
+    """The deployment as `hexgen plan` writes it: every replica carries its predicted saturated
+    throughput, by which the engine's router weighs replicas, as the simulator does. (Without it
+    the router measures each replica's tokens per busy second, which rises with the replica's own
+    load: identical replicas then drift apart by noise.)"""
+    replicas = [replica.model_copy(update={"predicted_throughput_rps": cost.throughput_rps(
+                    workload.mean_prompt_len, workload.mean_output_len, workload.max_total_len)})
+                for replica, cost in zip(config.replicas, costs)]
+    return config.model_copy(update={"replicas": replicas})
+
+
 def step_seconds(cost: ReplicaCost, shape: StepShape) -> float:
     """The cost model's compute time of one engine step, summed over the stages.
 

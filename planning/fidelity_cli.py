@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from planning.devices import load_device_file
-from planning.fidelity import DEPLOYMENTS, Row, compare, deployment_config, markdown_table, predicted_costs, rows_of
+from planning.fidelity import (DEPLOYMENTS, Row, as_planned, compare, deployment_config, markdown_table, predicted_costs,
+                               rows_of)
 from planning.workload import WorkloadSpec, make_requests
 
 DEFAULT_PLOT = "planning/experiments/results/fidelity.png"
@@ -47,6 +48,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
     loads = []
     for name, config in configs.items():
         costs = predicted_costs(config, device_file)
+        config = as_planned(config, costs, workload)
         predicted, measured = [], []
         for run in range(args.runs):
             measurement = run_trace(config, requests, seed=args.seed + run)

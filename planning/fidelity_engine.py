@@ -69,6 +69,9 @@ def run_trace(config: DeploymentConfig, requests: list[Request], seed: int = 0) 
         # warm-up: one short request per replica (the router spreads requests added together), so no
         # replica's first measured step pays for its worker's first-call costs (~150 ms on a prefill)
         llm.generate([prompts[0][:8]] * len(core.replicas), SamplingParams(max_tokens=2, ignore_eos=True))
+        cold = [r.name for r in core.replicas if r.metrics.num_steps == 0]
+        if cold:  # replicas of very unequal capacity: the router sent every warm-up elsewhere
+            raise RuntimeError(f"the warm-up did not reach replicas {cold}; their first steps would be measured cold")
         shapes: dict[tuple[str, int], StepShape] = {}
         for replica in core.replicas:
             _record_submits(replica, shapes)
