@@ -65,9 +65,9 @@ def make_prompts(num_prompts: int, prompt_len: int, vocab_size: int, seed: int) 
 
 # What the last stage's final norm and tied 49152x576 LM head cost, in decoder layers of time, over a
 # whole run (one thread per stage, 16-sequence micro-batches): about 6 layers in a decode step, about
-# none in a prefill chunk (a few rows). From the workers' own busy time, 2026-11-24 09:35 UTC (fused
-# decode attention and norms): 18 + 12 layers computed 93.7 and 83.7 ms per step, 17 + 13 computed
-# 81.2 and 81.4 (was 6 on the engine before, whose decoder layers cost more next to the head).
+# none in a prefill chunk (a few rows). From the workers' own busy time: 17 + 13 layers computed 81.2
+# and 81.4 ms per micro-step on 2026-11-24 09:35 UTC (oneDNN linear layers), 61.7 and 61.6 at 14:07
+# (the packed-panel loop, where the head takes ~13 ms of a decode micro-step and a layer ~2.3 ms).
 HEAD_COST_IN_LAYERS = 4
 
 

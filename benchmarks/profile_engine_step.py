@@ -36,7 +36,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
 # aten op name -> category; first matching prefix wins (self CPU time is summed per category).
 CATEGORIES = (
     ("linear (matmul)", ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear",
-                         "mkldnn::_linear_pointwise", "hexcore::packed_linear")),
+                         "mkldnn::_linear_pointwise", "hexcore::linear")),
     ("KV gather (cache[block_tables])", ("aten::index",)),
     ("attention (SDPA, or the CPU kernel)", ("hexcore::paged_decode_attention", "aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_softmax",
                           "aten::softmax", "aten::baddbmm", "aten::masked_fill", "aten::where",
@@ -79,7 +79,7 @@ def _label_compiled_loops(runner: StageRunner) -> None:
 
     for module in runner.model.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)):
-            module.matmul = labelled("hexcore::packed_linear", module.matmul)
+            module.matmul = labelled("hexcore::linear", module.matmul)  # whichever kernel it chose
     if runner._decode_kernel is not None:
         runner._decode_kernel = labelled("hexcore::paged_decode_attention", runner._decode_kernel)
     modules = [m for m in runner.model.modules() if isinstance(m, (RMSNorm, LlamaMLP)) and m.kernels is not None]
