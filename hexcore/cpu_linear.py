@@ -11,8 +11,8 @@ This loop keeps every element's work in registers instead:
 A tile of 6 rows x 16 columns is 12 vector accumulators (8 floats each) that stay in registers over
 the whole of K; each panel is read from memory once and reused for every row, and the next panel is
 prefetched while it is (memory, not arithmetic, is what a few rows wait on). Panels are split over
-torch's thread pool. At 32 rows it runs ~1.3x oneDNN's packed kernel, and no slower at 512 (prefill
-chunks): BENCHMARKS.md, `benchmarks/bench_linear.py`. The vectors are GCC/Clang vector extensions,
+torch's thread pool. At 16-32 rows it runs 1.4-1.7x oneDNN's packed kernel over SmolLM2's layers, and
+1.2x at 512 (prefill chunks): BENCHMARKS.md, `benchmarks/bench_linear.py`. The vectors are GCC/Clang vector extensions,
 which the compiler maps to the host's units (-march=native: AVX2 here, NEON on ARM).
 `packed_linear()` returns None where the loop cannot be built (hexcore/cpu_extension.py).
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from hexcore.cpu_extension import CppExtension
 
@@ -136,7 +135,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     num_out, num_in = weight.shape
     num_full, num_rest = divmod(num_out, PANEL_WIDTH)
     packed = weight.new_zeros(num_full + bool(num_rest), num_in, PANEL_WIDTH)
-    packed[:num_full] = weight[: num_full * PANEL_WIDTH].view(num_full, PANEL_WIDTH, num_in).transpose(1, 2)
+    packed[:num_full] = weight[: num_full * PANEL_WIDTH].reshape(num_full, PANEL_WIDTH, num_in).transpose(1, 2)
     if num_rest:
         packed[num_full, :, :num_rest] = weight[num_full * PANEL_WIDTH:].T
     return packed

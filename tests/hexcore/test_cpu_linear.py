@@ -20,6 +20,8 @@ def test_pack_lays_columns_out_in_zero_padded_k_major_panels():
     assert torch.equal(packed[0], weight[:16].T)
     assert torch.equal(packed[1, :, :4], weight[16:].T)
     assert not packed[1, :, 4:].any()
+    shard = torch.arange(20 * 6, dtype=torch.float32).view(20, 6)[:, 3:]  # a column shard: not contiguous
+    assert torch.equal(cpu_linear.pack(shard), cpu_linear.pack(shard.contiguous()))
 
 
 @pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 6, 7, 11, 13, 32, 300])  # 6-row tiles and every remainder
