@@ -9,12 +9,14 @@ N concurrent requests of P prompt tokens and O output tokens (greedy, ignore_eos
   hf-sequential       transformers generate one prompt at a time (the first K prompts, extrapolated)
 
 Throughput = output tokens / wall seconds of the whole generate call (prefill included), worker
-start-up and a short warm-up excluded. Every configuration runs `--rounds` times (default 2),
-interleaved, and its best run is reported: on a shared VM whose speed drifts by tens of percent
-within minutes, a ratio of two configurations measured a minute apart would otherwise measure the
-drift. Run from the repository root:
+start-up and a short warm-up (on other prompts) excluded; prefix caching is off, so no run reuses
+another's prompt blocks. Every configuration runs `--rounds` times (default 3), interleaved, and its
+best run is reported: on a shared VM whose speed drifts by tens of percent within minutes, a ratio
+of two configurations measured a minute apart would otherwise measure the drift. pp2 and
+pp2-serial are the very same two worker processes, run back to back (in alternating order from
+round to round) with 2 and then 1 micro-batch in flight. Run from the repository root:
 
-    .venv/bin/python -m benchmarks.bench_engine [--rounds 2] [--json FILE]
+    .venv/bin/python -m benchmarks.bench_engine [--rounds 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def engine_config(stages: list[tuple[int, int]], threads: int, num_micro_batches
             "replicas": [{"name": "r0", "stages": [{"devices": ["cpu"] * tp, "layers": n} for tp, n in stages]}],
             "engine": {"num_threads_per_worker": threads, "num_micro_batches": num_micro_batches,
                        "num_kv_blocks": num_blocks, "max_num_seqs": 64,
-                       "max_num_batched_tokens": max_num_batched_tokens}}
+                       "max_num_batched_tokens": max_num_batched_tokens, "enable_prefix_caching": False}}
 
 
 def _fresh_worker_stats(llm: LLM) -> dict[int, tuple[float, int]]:
@@ -100,19 +102,31 @@ def _fresh_worker_stats(llm: LLM) -> dict[int, tuple[float, int]]:
     return {rank: (s.busy_seconds, s.num_steps) for rank, s in workers.stats.items()}
 
 
-def run_engine(name: str, config: dict, prompts: list[list[int]], params: SamplingParams) -> Measurement:
-    with LLM(parse_config(config)) as llm:
-        llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
-        replica = llm.core.replicas[0]
-        before_workers = _fresh_worker_stats(llm)
-        before = (replica.metrics.num_steps, replica.metrics.step_seconds)
-        started = time.perf_counter()
-        results = llm.generate(prompts, params)
-        seconds = time.perf_counter() - started
-        after_workers = _fresh_worker_stats(llm)
-        num_steps = replica.metrics.num_steps - before[0]
-        stats = llm.core.stats().replicas[0]
-        ranks_by_stage = [list(stage.ranks) for stage in replica.plan.workers[0].stages]
+def start_engine(config: dict, warm_up_prompts: list[list[int]]) -> LLM:
+    llm = LLM(parse_config(config))
+    try:
+        llm.generate(warm_up_prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    except BaseException:
+        llm.shutdown()
+        raise
+    return llm
+
+
+def set_micro_batches(llm: LLM, num_micro_batches: int) -> None:
+    """How many steps the driver keeps in flight: the same stages and worker processes either way."""
+    llm.core.replicas[0].num_micro_batches = num_micro_batches
+
+
+def run_engine(name: str, llm: LLM, prompts: list[list[int]], params: SamplingParams) -> Measurement:
+    replica = llm.core.replicas[0]
+    before_workers = _fresh_worker_stats(llm)
+    before = (replica.metrics.num_steps, replica.metrics.step_seconds, replica.scheduler.num_preemptions)
+    started = time.perf_counter()
+    results = llm.generate(prompts, params)
+    seconds = time.perf_counter() - started
+    after_workers = _fresh_worker_stats(llm)
+    num_steps = replica.metrics.num_steps - before[0]
+    ranks_by_stage = [list(stage.ranks) for stage in replica.plan.workers[0].stages]
     output_tokens = sum(len(r.token_ids) for r in results)
     assert output_tokens == len(prompts) * params.max_tokens, "ignore_eos: every request runs to max_tokens"
     busy = {rank: after_workers[rank][0] - before_workers[rank][0] for rank in after_workers}
@@ -122,7 +136,7 @@ def run_engine(name: str, config: dict, prompts: list[list[int]], params: Sampli
         "mean_step_latency_ms": 1e3 * (replica.metrics.step_seconds - before[1]) / num_steps,  # submit to result
         "stage_busy_fraction": [max(busy[r] for r in ranks) / seconds for ranks in ranks_by_stage],
         "stage_compute_ms_per_step": [1e3 * max(busy[r] for r in ranks) / num_steps for ranks in ranks_by_stage],
-        "num_preemptions": stats.num_preemptions,
+        "num_preemptions": replica.scheduler.num_preemptions - before[2],
         "token_ids": [r.token_ids for r in results],
     }
     return Measurement(name, len(prompts), output_tokens, seconds, os.getloadavg()[0], engine)
@@ -167,7 +181,7 @@ def main() -> None:
                         help="layers of the first PP2 stage (default: half plus one, the last stage holds the LM head)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these configurations (engine-tp1 engine-pp2 engine-pp2-serial hf)")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="run every configuration this many times, interleaved; the best run of each is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the figures to this file")
@@ -183,12 +197,13 @@ def main() -> None:
     block_size = 16
     num_blocks = args.num_requests * -(-max_model_len // block_size) + 8  # every request fits: no preemption
     first = args.pp_first_stage_layers or balanced_first_stage_layers(num_layers)
-    engines = {  # name: (stages as (TP, layers), threads per worker, micro-batches)
-        "engine-tp1": ([(1, num_layers)], NUM_THREADS, None),
-        "engine-pp2": ([(1, first), (1, num_layers - first)], 1, 2),
-        "engine-pp2-serial": ([(1, first), (1, num_layers - first)], 1, 1),
-    }
-    selected = set(args.only) if args.only else set(engines) | {"hf"}
+    warm_up_prompts = make_prompts(2, 16, vocab_size, args.seed + 1)
+    tp1_config = engine_config([(1, num_layers)], NUM_THREADS, None, num_blocks, max_model_len,
+                               args.max_num_batched_tokens)
+    pp2_config = engine_config([(1, first), (1, num_layers - first)], 1, 2, num_blocks, max_model_len,
+                               args.max_num_batched_tokens)
+    pp2_modes = {"engine-pp2": 2, "engine-pp2-serial": 1}  # name: micro-batches in flight
+    selected = set(args.only) if args.only else {"engine-tp1", *pp2_modes, "hf"}
 
     print(f"{args.num_requests} requests x {args.prompt_len} prompt / {args.output_len} output tokens, greedy, "
           f"ignore_eos; SmolLM2-135M float32; {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
@@ -197,17 +212,22 @@ def main() -> None:
     hf_sequential_out = None
     for round_index in range(args.rounds):  # interleaved: a slow phase of the machine hits every configuration
         print(f"round {round_index + 1} of {args.rounds}:", flush=True)
-        for name, (stages, threads, micro) in engines.items():
-            if name in selected:
-                config = engine_config(stages, threads, micro, num_blocks, max_model_len, args.max_num_batched_tokens)
-                runs.append(run_engine(name, config, prompts, params))
-                print(f"  {name}: {runs[-1].tokens_per_second:.1f} output tok/s "
-                      f"(load {runs[-1].load_average:.2f})", flush=True)
+        if "engine-tp1" in selected:
+            with start_engine(tp1_config, warm_up_prompts) as llm:
+                runs.append(run_engine("engine-tp1", llm, prompts, params))
+            print_run(runs[-1])
+        modes = [name for name in pp2_modes if name in selected]
+        if modes:
+            with start_engine(pp2_config, warm_up_prompts) as llm:
+                for name in modes if round_index % 2 == 0 else modes[::-1]:
+                    set_micro_batches(llm, pp2_modes[name])
+                    runs.append(run_engine(name, llm, prompts, params))
+                    print_run(runs[-1])
         if "hf" in selected:
             batch, sequential, hf_sequential_out = run_hf(prompts, args.hf_sequential_prompts, args.output_len)
-            for m in (batch, sequential):
-                print(f"  {m.name}: {m.tokens_per_second:.1f} output tok/s (load {m.load_average:.2f})", flush=True)
             runs += [batch, sequential]
+            print_run(batch)
+            print_run(sequential)
     measurements = best_runs(runs)
 
     report(measurements, args, hf_sequential_out)
@@ -219,6 +239,10 @@ def main() -> None:
                                         for m in measurements],
                        "rounds": [{"name": m.name, "tokens_per_second": m.tokens_per_second,
                                    "load_average": m.load_average} for m in runs]}, f, indent=2)
+
+
+def print_run(m: Measurement) -> None:
+    print(f"  {m.name}: {m.tokens_per_second:.1f} output tok/s (load {m.load_average:.2f})", flush=True)
 
 
 def best_runs(runs: list[Measurement]) -> list[Measurement]:
