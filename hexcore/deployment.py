@@ -98,7 +98,8 @@ def resolve(config: DeploymentConfig) -> ResolvedDeployment:
                               dims=dims, rope=rope,
                               dtype=config.dtype, max_model_len=max_model_len, num_kv_blocks=num_blocks,
                               block_size=config.engine.block_size, num_threads=num_threads,
-                              init_method=init_method, backend=backend)
+                              init_method=init_method, backend=backend,
+                              is_lm_head_shared=config.engine.share_lm_head and len(spec.stages) > 1)
                    for rank, device in enumerate(devices)]
         micro_batches = config.engine.num_micro_batches or len(spec.stages)
         replicas.append(ReplicaPlan(name, spec, workers, num_blocks, micro_batches))

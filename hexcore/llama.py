@@ -177,7 +177,7 @@ class LlamaStage(nn.Module):
 
     @property
     def has_head(self) -> bool:
-        return self.end_layer == self.dims.num_layers
+        return self.lm_head is not None
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
@@ -197,8 +197,10 @@ class LlamaStage(nn.Module):
 
 
 def load_stage(checkpoint: Checkpoint, dims: LlamaDims, rope: RopeSpec, first_layer: int, num_layers: int,
-               tp: TPGroup, max_model_len: int) -> LlamaStage:
-    """Build this rank's shard of layers [first_layer, first_layer + num_layers), reading only its slices."""
+               tp: TPGroup, max_model_len: int, with_lm_head: bool = False) -> LlamaStage:
+    """Build this rank's shard of layers [first_layer, first_layer + num_layers), reading only its slices.
+    The stage that ends the model holds the final norm and LM head; `with_lm_head` gives them to
+    another stage too (a first stage that shares the head's work)."""
     heads = dims.num_heads // tp.size
     kv_heads = dims.num_kv_heads // tp.size
     q_rows = (tp.rank * heads * dims.head_dim, (tp.rank + 1) * heads * dims.head_dim)
@@ -228,11 +230,12 @@ def load_stage(checkpoint: Checkpoint, dims: LlamaDims, rope: RopeSpec, first_la
     vocab_shard = -(-dims.vocab_size // tp.size)  # ceil: every rank but the last holds this many rows
     vocab_rows = (min(tp.rank * vocab_shard, dims.vocab_size), min((tp.rank + 1) * vocab_shard, dims.vocab_size))
     embed_name = "model.embed_tokens.weight"
-    is_first, is_last = first_layer == 0, first_layer + num_layers == dims.num_layers
-    embed_rows = checkpoint.rows(embed_name, *vocab_rows) if is_first or (is_last and dims.tie_word_embeddings) else None
+    is_first = first_layer == 0
+    has_head = with_lm_head or first_layer + num_layers == dims.num_layers
+    embed_rows = checkpoint.rows(embed_name, *vocab_rows) if is_first or (has_head and dims.tie_word_embeddings) else None
     embed = VocabParallelEmbedding(embed_rows, vocab_rows[0], tp) if is_first else None
     norm_out = lm_head = None
-    if is_last:
+    if has_head:
         head_name = embed_name if dims.tie_word_embeddings or "lm_head.weight" not in checkpoint else "lm_head.weight"
         head_rows = embed_rows if head_name == embed_name else checkpoint.rows(head_name, *vocab_rows)
         norm_out = norm("model.norm.weight")

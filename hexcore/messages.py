@@ -40,6 +40,12 @@ class WorkerSpec:
     num_threads: int
     init_method: str  # torch.distributed rendezvous, e.g. tcp://127.0.0.1:PORT
     backend: str  # gloo | nccl, chosen for the whole replica by hexcore.devices
+    is_lm_head_shared: bool = False  # the first stage also holds the LM head and scores some steps
+
+    @property
+    def has_lm_head(self) -> bool:
+        index, num_stages = self.stage_index, len(self.stages)
+        return index == num_stages - 1 or (self.is_lm_head_shared and index == 0)
 
     @property
     def world_size(self) -> int:
@@ -87,10 +93,33 @@ class StepBatch:
     block_tables: list[list[int]]  # per sequence
     sampling: list[SeqSampling | None]  # per sequence; None when this chunk does not end the known tokens
     prompt_scoring: list[PromptScoring | None]  # per sequence, when prompt logprobs are asked
+    # the last stage sends the rows to score back to the first stage, which scores them when told
+    # to (ScoreStep); else the last stage scores and samples
+    is_scored_on_first_stage: bool = False
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def scored_rows(self) -> tuple[list[int], list[int]]:
+        """Rows of the step's hidden states to score: each sampled sequence's last row, then the
+        prompt rows whose next token is scored."""
+        sample_rows, prompt_rows, end = [], [], 0
+        for n, spec, scoring in zip(self.query_lens, self.sampling, self.prompt_scoring):
+            end += n
+            if spec is not None:
+                sample_rows.append(end - 1)
+            if scoring:
+                first = end - n + scoring.first_row
+                prompt_rows.extend(range(first, first + len(scoring.target_ids)))
+        return sample_rows, prompt_rows
+
+
+@dataclass(frozen=True)
+class ScoreStep:
+    """To the first stage's ranks: score and sample step `step_id`, whose rows come back from the last stage."""
+
+    step_id: int
 
 
 @dataclass(frozen=True)

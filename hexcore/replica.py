@@ -1,7 +1,12 @@
 """One replica at run time: its scheduler, its worker processes, and the micro-batches in flight
 through its pipeline. With S stages and M micro-batches in flight, stage j works on one micro-batch
 while stage j+1 works on the one before: every worker runs the steps it is sent in order, so the
-overlap needs no more coordination than keeping M steps submitted."""
+overlap needs no more coordination than keeping M steps submitted.
+
+With a shared LM head (engine.share_lm_head, 2+ stages) every other step is scored on the first
+stage. The first stage is told to score step k (ScoreStep) only after the next step has been sent
+to it: it then computes that step's layers while the last stage finishes step k, instead of
+waiting. If no next step can be formed, it is told at once."""
 
 from __future__ import annotations
 
@@ -69,7 +74,9 @@ class Replica:
         self.workers = ReplicaWorkers(plan.workers)
         self.eos_token_ids = eos_token_ids
         self.num_micro_batches = plan.num_micro_batches
-        self.in_flight: deque[InFlightStep] = deque()
+        self.is_lm_head_shared = engine.share_lm_head and len(plan.spec.stages) > 1
+        self.in_flight: dict[int, InFlightStep] = {}  # by step id, in the order submitted
+        self._unscored_step: int | None = None  # scored on the first stage, which has not been told yet
         self._next_step_id = 0
         self.metrics = ReplicaMetrics()
         self.step_observers: list[Callable[[StepBatch], None]] = []  # e.g. measurement tools
@@ -89,17 +96,26 @@ class Replica:
             max_seqs = max(1, -(-num_active // self.num_micro_batches))
             scheduled = self.scheduler.schedule(max_seqs)
             if not scheduled:
-                return
+                break
             batch = self._build_batch(scheduled)
             self.workers.submit(batch)
             for observe in self.step_observers:
                 observe(batch)
             self.metrics.step_submitted(was_idle=not self.in_flight)
-            self.in_flight.append(InFlightStep(batch, scheduled, time.monotonic()))
+            self.in_flight[batch.step_id] = InFlightStep(batch, scheduled, time.monotonic())
+            self._tell_first_stage_to_score()
+            if batch.is_scored_on_first_stage:
+                self._unscored_step = batch.step_id
+        if len(self.in_flight) == 1:  # nothing else will come back before it: no next step to wait for
+            self._tell_first_stage_to_score()
+
+    def _tell_first_stage_to_score(self) -> None:
+        if self._unscored_step is not None:
+            self.workers.score_on_first_stage(self._unscored_step)
+            self._unscored_step = None
 
     def complete(self, result: StepResult) -> list[SeqResult]:
-        step = self.in_flight.popleft()
-        assert step.batch.step_id == result.step_id, "steps complete in the order they were submitted"
+        step = self.in_flight.pop(result.step_id)  # either end of the pipeline may report it
         self.metrics.step_completed(step.submitted_at, is_idle=not self.in_flight)
         results = []
         for item, token, prompt_logprobs in zip(step.scheduled, result.tokens, result.prompt_logprobs):
@@ -128,7 +144,8 @@ class Replica:
                          query_lens=[item.num_new_tokens for item in scheduled],
                          context_lens=[item.end for item in scheduled],
                          block_tables=[list(item.seq.block_table) for item in scheduled],
-                         sampling=sampling, prompt_scoring=scoring)
+                         sampling=sampling, prompt_scoring=scoring,
+                         is_scored_on_first_stage=self.is_lm_head_shared and step_id % 2 == 1)
 
     def _sampling(self, seq: Sequence) -> SeqSampling:
         params = seq.params

@@ -1,5 +1,7 @@
 """Runs one rank's share of a replica on each StepBatch: receive (or embed) the input, run the
-stage's layers, then send the hidden states on, or, on the last stage, score and sample."""
+stage's layers, then send the hidden states on, or, on the last stage, score and sample. With a
+shared LM head the last stage sends some steps' scored rows back to the first stage instead, which
+scores and samples them when the driver says so (ScoreStep)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,11 @@ class StageRunner:
         self.source = None if is_first else source_rank(stages[stage_index - 1], stage, tp.rank)
         self.is_last = is_last
         self.destinations = [] if is_last else destination_ranks(stage, stages[stage_index + 1], tp.rank)
+        # steps scored on the first stage (a shared LM head): their rows travel back from the last stage
+        is_scoring_end = is_first != is_last
+        self.score_destinations = destination_ranks(stage, stages[0], tp.rank) if is_last and is_scoring_end else []
+        self.score_source = source_rank(stages[-1], stage, tp.rank) if is_first and is_scoring_end else None
+        self._awaiting_score: dict[int, StepBatch] = {}
         self._pending_sends: tuple[torch.Tensor | None, list] = (None, [])
         self._workspace = GatherWorkspace()
         self._decode_kernel = decode_attention_kernel(device, model.cos.dtype)
@@ -43,15 +50,43 @@ class StageRunner:
                                        self._decode_kernel)
         positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         hidden = self.model(inputs, positions, self.kv_caches, meta)  # [T, C]
-        result = self._sample(batch, hidden) if self.is_last else self._send(hidden)
-        finished = time.perf_counter()
-        self.busy_seconds += finished - started
-        self.num_steps += 1
-        self.recent_steps.append((batch.step_id, started, finished))
+        result = None
+        sample_rows, prompt_rows = batch.scored_rows()
+        rows = sample_rows + prompt_rows
+        if not self.is_last:
+            self._send(hidden, self.destinations)
+            if batch.is_scored_on_first_stage and self.score_source is not None:
+                self._awaiting_score[batch.step_id] = batch
+        elif batch.is_scored_on_first_stage and self.score_destinations:
+            if rows:
+                self._send(hidden[rows], self.score_destinations)
+        else:
+            result = self._score(batch, hidden[rows] if rows else None)
+        self._record(batch.step_id, started)
+        return result
+
+    def score(self, step_id: int) -> StepResult | None:
+        """Score and sample a step this (first) stage ran earlier, on the rows the last stage sends back."""
+        batch = self._awaiting_score.pop(step_id)
+        sample_rows, prompt_rows = batch.scored_rows()
+        hidden = None
+        if sample_rows or prompt_rows:
+            hidden = torch.empty(len(sample_rows) + len(prompt_rows), self.model.dims.hidden_size,
+                                 dtype=self.model.cos.dtype, device=self.device)
+            dist.recv(hidden, src=self.score_source)
+        started = time.perf_counter()
+        result = self._score(batch, hidden)
+        self._record(step_id, started)
         return result
 
     def stats(self) -> WorkerStats:
         return WorkerStats(self.rank, self.stage_index, self.busy_seconds, self.num_steps, tuple(self.recent_steps))
+
+    def _record(self, step_id: int, started: float) -> None:
+        finished = time.perf_counter()
+        self.busy_seconds += finished - started
+        self.num_steps += 1
+        self.recent_steps.append((step_id, started, finished))
 
     def _receive(self, batch: StepBatch) -> torch.Tensor:
         if self.source is None:
@@ -61,20 +96,16 @@ class StageRunner:
         dist.recv(hidden, src=self.source)
         return hidden
 
-    def _send(self, hidden: torch.Tensor) -> None:
+    def _send(self, hidden: torch.Tensor, destinations: list[int]) -> None:
         """Non-blocking, so this stage moves on to its next micro-batch; the buffer stays referenced
         until the sends are waited for, before the next step's sends."""
         for work in self._pending_sends[1]:
             work.wait()
-        self._pending_sends = (hidden, [dist.isend(hidden, dst=rank) for rank in self.destinations])
+        self._pending_sends = (hidden, [dist.isend(hidden, dst=rank) for rank in destinations])
 
-    def _sample(self, batch: StepBatch, hidden: torch.Tensor) -> StepResult | None:
-        ends = torch.tensor(batch.query_lens).cumsum(0).tolist()
-        sample_rows = [end - 1 for end, spec in zip(ends, batch.sampling) if spec is not None]
-        prompt_rows = [row for end, n, scoring in zip(ends, batch.query_lens, batch.prompt_scoring) if scoring
-                       for row in range(end - n + scoring.first_row, end - n + scoring.first_row + len(scoring.target_ids))]
-        rows = sample_rows + prompt_rows
-        logits = self.model.logits(hidden[rows]) if rows else None  # every TP rank joins the gather
+    def _score(self, batch: StepBatch, hidden: torch.Tensor | None) -> StepResult | None:
+        """hidden: the step's scored rows [R, C] (batch.scored_rows() order), None if there are none."""
+        logits = self.model.logits(hidden) if hidden is not None else None  # every TP rank joins the gather
         if logits is not None:
             logits = logits.cpu()  # the sampler draws with CPU generators, the same on every device
         if not self.tp.is_leader:
@@ -83,7 +114,7 @@ class StageRunner:
         sampled = iter(sample(logits[: len(specs)], specs)) if specs else iter(())
         tokens = [next(sampled) if spec is not None else None for spec in batch.sampling]
         prompt_logprobs: list = [None] * len(batch.sampling)
-        if prompt_rows:
+        if any(batch.prompt_scoring):
             logprobs = iter(torch.log_softmax(logits[len(specs):], dim=-1))
             for i, scoring in enumerate(batch.prompt_scoring):
                 if scoring:

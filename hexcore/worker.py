@@ -17,7 +17,7 @@ from hexcore.config import Device
 from hexcore.devices import check_available, torch_device
 from hexcore.kv_cache import allocate_kv_cache
 from hexcore.llama import load_stage
-from hexcore.messages import Shutdown, StatsRequest, StepBatch, WorkerFailed, WorkerReady, WorkerSpec
+from hexcore.messages import ScoreStep, Shutdown, StatsRequest, StepBatch, WorkerFailed, WorkerReady, WorkerSpec
 from hexcore.parallel import TPGroup
 from hexcore.stage_runner import StageRunner
 from hexcore.weights import Checkpoint
@@ -62,7 +62,8 @@ def _build_runner(spec: WorkerSpec) -> StageRunner:
     dtype = getattr(torch, spec.dtype)
     target = torch_device(device)
     checkpoint = Checkpoint(spec.model_dir, dtype, target)
-    model = load_stage(checkpoint, spec.dims, spec.rope, stage.first_layer, stage.num_layers, tp, spec.max_model_len)
+    model = load_stage(checkpoint, spec.dims, spec.rope, stage.first_layer, stage.num_layers, tp, spec.max_model_len,
+                       with_lm_head=spec.has_lm_head)
     checkpoint.close()
     kv_heads = model.dims.num_kv_heads // tp.size
     kv_caches = allocate_kv_cache(stage.num_layers, spec.num_kv_blocks, spec.block_size, kv_heads,
@@ -80,8 +81,8 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         conn.send(WorkerReady(spec.rank, time.perf_counter() - started))
         while True:
             message = conn.recv()
-            if isinstance(message, StepBatch):
-                result = runner.run(message)
+            if isinstance(message, (StepBatch, ScoreStep)):
+                result = runner.run(message) if isinstance(message, StepBatch) else runner.score(message.step_id)
                 if result is not None:
                     conn.send(result)
             elif isinstance(message, StatsRequest):

@@ -11,7 +11,7 @@ from multiprocessing.connection import Connection, wait
 
 from hexcore.devices import WORKER_ENVIRONMENT
 from hexcore.engine_client import EngineDead
-from hexcore.messages import (Shutdown, StatsRequest, StepBatch, StepResult, WorkerFailed, WorkerReady,
+from hexcore.messages import (ScoreStep, Shutdown, StatsRequest, StepBatch, StepResult, WorkerFailed, WorkerReady,
                               WorkerSpec, WorkerStats)
 from hexcore.worker import worker_main
 
@@ -37,12 +37,6 @@ class ReplicaWorkers:
         self.conns: list[Connection] = []
         self.stats: dict[int, WorkerStats] = {}
         self.load_seconds = 0.0
-
-    @property
-    def result_conn(self) -> Connection:
-        """The last stage's leader reports every step's result."""
-        last_stage_leader = self.specs[0].stages[-1].ranks[0]
-        return self.conns[last_stage_leader]
 
     def start(self, timeout: float = 600.0) -> None:
         context = _context()
@@ -86,6 +80,10 @@ class ReplicaWorkers:
         payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)  # once, for every worker
         for conn in self.conns:
             conn.send_bytes(payload)
+
+    def score_on_first_stage(self, step_id: int) -> None:
+        for rank in self.specs[0].stages[0].ranks:
+            self.conns[rank].send(ScoreStep(step_id))
 
     def request_stats(self) -> None:
         for conn in self.conns:
