@@ -20,6 +20,7 @@ from hexcore.config import EngineSpec
 from hexcore.deployment import ReplicaPlan
 from hexcore.messages import PromptScoring, SeqSampling, StepBatch, StepResult
 from hexcore.outputs import TokenLogprob
+from hexcore.sampling_params import SamplingParams
 from hexcore.scheduler import ScheduledSeq, Scheduler
 from hexcore.sequence import Sequence
 from hexcore.workers import ReplicaWorkers
@@ -83,7 +84,18 @@ class Replica:
 
     def start(self) -> None:
         self.workers.start()
+        self._warm_up()
         self.metrics = ReplicaMetrics()
+
+    def _warm_up(self) -> None:
+        """One token through every stage before any request, so that no request pays the workers'
+        first-call costs (~130 ms on a CPU stage). Its KV lands in block 0, which nothing holds yet
+        and whose next owner writes every position before reading it."""
+        greedy = SeqSampling(SamplingParams(temperature=0.0, max_tokens=1), seed=0, num_generated=0)
+        step_id, self._next_step_id = self._next_step_id, self._next_step_id + 1
+        self.workers.submit(StepBatch(step_id=step_id, token_ids=[0], positions=[0], query_lens=[1], context_lens=[1],
+                                      block_tables=[[0]], sampling=[greedy], prompt_scoring=[None]))
+        self.workers.wait_for_result(step_id)
 
     @property
     def has_work(self) -> bool:

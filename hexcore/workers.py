@@ -81,6 +81,17 @@ class ReplicaWorkers:
         for conn in self.conns:
             conn.send_bytes(payload)
 
+    def wait_for_result(self, step_id: int, timeout: float = 600.0) -> StepResult:
+        """Block until step `step_id` comes back (only while no other step is in flight)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for conn in wait(self.conns, timeout=1.0):
+                result = self.receive(conn)
+                if result is not None:
+                    assert result.step_id == step_id, "no other step is in flight"
+                    return result
+        raise EngineDead(f"step {step_id} did not come back within {timeout:.0f} s")
+
     def score_on_first_stage(self, step_id: int) -> None:
         for rank in self.specs[0].stages[0].ranks:
             self.conns[rank].send(ScoreStep(step_id))

@@ -165,3 +165,17 @@ def test_shared_lm_head_gives_the_same_outputs(pipeline_llm, tiny_model_dir, num
     assert [p.logprob for p in got[1:]] == pytest.approx([p.logprob for p in want[1:]], abs=1e-4)
     # the first stage ran every step and scored about half of them; the last stage ran every step once
     assert stats[0].num_steps == stats[1].num_steps > stats[2].num_steps * 1.3
+
+
+def test_every_worker_is_warm_before_the_first_request(tiny_model_dir):
+    """Start-up sends one token through the pipeline: each worker has run a step, yet no KV block is
+    held and the replica's metrics start from zero."""
+    config = parse_config(deployment(tiny_model_dir, [(2, 5), (1, 3)]))
+    with LLM(config) as llm:
+        llm.core.collect_worker_stats()
+        replica = llm.core.replicas[0]
+        assert [replica.workers.stats[rank].num_steps for rank in range(3)] == [1, 1, 1]
+        assert replica.block_manager.num_free_blocks == replica.block_manager.num_blocks
+        assert replica.metrics.num_steps == 0 and not replica.in_flight
+        greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        assert llm.generate(["Hello world"], greedy)[0].token_ids == llm.generate(["Hello world"], greedy)[0].token_ids
