@@ -144,7 +144,7 @@ class WorkerStats:
     rank: int
     stage_index: int
     busy_seconds: float  # time spent computing (not waiting for input)
-    num_steps: int
+    num_steps: int  # steps run, and steps scored for the last stage (a first stage sharing the LM head)
     recent_steps: tuple[tuple[int, float, float], ...] = ()  # (step id, start, end), shared monotonic clock
 
 

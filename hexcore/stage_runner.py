@@ -51,17 +51,18 @@ class StageRunner:
         positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         hidden = self.model(inputs, positions, self.kv_caches, meta)  # [T, C]
         result = None
-        sample_rows, prompt_rows = batch.scored_rows()
-        rows = sample_rows + prompt_rows
         if not self.is_last:
             self._send(hidden, self.destinations)
             if batch.is_scored_on_first_stage and self.score_source is not None:
                 self._awaiting_score[batch.step_id] = batch
-        elif batch.is_scored_on_first_stage and self.score_destinations:
-            if rows:
-                self._send(hidden[rows], self.score_destinations)
         else:
-            result = self._score(batch, hidden[rows] if rows else None)
+            sample_rows, prompt_rows = batch.scored_rows()
+            scored = hidden[sample_rows + prompt_rows] if sample_rows or prompt_rows else None  # [R, C]
+            if batch.is_scored_on_first_stage and self.score_destinations:
+                if scored is not None:
+                    self._send(scored, self.score_destinations)
+            else:
+                result = self._score(batch, scored)
         self._record(batch.step_id, started)
         return result
 
