@@ -181,7 +181,7 @@ def main() -> None:
                         help="HF sequential runs only this many prompts; its tokens/s is per-request throughput")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="the engine's token budget per step")
     parser.add_argument("--pp-first-stage-layers", type=int, default=None,
-                        help="layers of the first PP2 stage (default: half plus one, the last stage holds the LM head)")
+                        help="layers of the first PP2 stage (default: balanced for where the LM head runs, 17 or 15 with --share-lm-head)")
     parser.add_argument("--share-lm-head", action="store_true",
                         help="pp2 shares the LM head between its stages (engine.share_lm_head), 15 + 15 layers")
     parser.add_argument("--only", nargs="*", default=None,

@@ -1,7 +1,7 @@
 """The engine proper: requests in, incremental outputs out, over one or more replicas.
 
 `step()` is the whole loop: fill every replica's pipeline (schedule), wait for a step to come back
-from a last stage (run), then turn sampled tokens into text, stops and outputs (postprocess).
+from a worker (run), then turn sampled tokens into text, stops and outputs (postprocess).
 It is synchronous and single-threaded; `LLM` drives it directly, `AsyncEngine` from a thread.
 """
 

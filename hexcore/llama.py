@@ -175,10 +175,6 @@ class LlamaStage(nn.Module):
     def has_embedding(self) -> bool:
         return self.first_layer == 0
 
-    @property
-    def has_head(self) -> bool:
-        return self.lm_head is not None
-
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -62,7 +62,7 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class SeqSampling:
-    """How the last stage chooses one sequence's next token."""
+    """How the last stage (or the first, for a step it scores) chooses one sequence's next token."""
 
     params: SamplingParams
     seed: int  # the draw for output token i uses (seed, i): reproducible, stateless, preemption-safe
@@ -143,9 +143,10 @@ class StatsRequest:
 class WorkerStats:
     rank: int
     stage_index: int
-    busy_seconds: float  # time spent computing (not waiting for input)
-    num_steps: int  # steps run, and steps scored for the last stage (a first stage sharing the LM head)
+    busy_seconds: float  # time spent computing (not waiting for input), scoring included
+    num_steps: int
     recent_steps: tuple[tuple[int, float, float], ...] = ()  # (step id, start, end), shared monotonic clock
+    num_scored_steps: int = 0  # steps scored for the last stage (a first stage sharing the LM head)
 
 
 @dataclass(frozen=True)

@@ -88,14 +88,20 @@ class Replica:
         self.metrics = ReplicaMetrics()
 
     def _warm_up(self) -> None:
-        """One token through every stage before any request, so that no request pays the workers'
-        first-call costs (~130 ms on a CPU stage). Its KV lands in block 0, which nothing holds yet
-        and whose next owner writes every position before reading it."""
+        """One token through every stage before any request (scored at either end if the head is
+        shared), so that no request pays the workers' first-call costs (~130 ms on a CPU stage). Its
+        KV lands in block 0, which nothing holds yet and whose next owner writes every position
+        before reading it."""
         greedy = SeqSampling(SamplingParams(temperature=0.0, max_tokens=1), seed=0, num_generated=0)
-        step_id, self._next_step_id = self._next_step_id, self._next_step_id + 1
-        self.workers.submit(StepBatch(step_id=step_id, token_ids=[0], positions=[0], query_lens=[1], context_lens=[1],
-                                      block_tables=[[0]], sampling=[greedy], prompt_scoring=[None]))
-        self.workers.wait_for_result(step_id)
+        for is_scored_on_first_stage in (False, True) if self.is_lm_head_shared else (False,):
+            step_id, self._next_step_id = self._next_step_id, self._next_step_id + 1
+            assert is_scored_on_first_stage == (self.is_lm_head_shared and step_id % 2 == 1), "the steps' parity"
+            self.workers.submit(StepBatch(step_id=step_id, token_ids=[0], positions=[0], query_lens=[1],
+                                          context_lens=[1], block_tables=[[0]], sampling=[greedy], prompt_scoring=[None],
+                                          is_scored_on_first_stage=is_scored_on_first_stage))
+            if is_scored_on_first_stage:
+                self.workers.score_on_first_stage(step_id)
+            self.workers.wait_for_result(step_id)
 
     @property
     def has_work(self) -> bool:

@@ -1,4 +1,4 @@
-"""Choose each sequence's next token from its logits, on the last stage.
+"""Choose each sequence's next token from its logits, on the stage that scores the step.
 
 Rows are processed independently of one another, so a request gets the same token whatever else
 shares its batch. Random draws are stateless: output token i of a request with seed s uses a

@@ -31,15 +31,17 @@ class StageRunner:
         self.is_last = is_last
         self.destinations = [] if is_last else destination_ranks(stage, stages[stage_index + 1], tp.rank)
         # steps scored on the first stage (a shared LM head): their rows travel back from the last stage
-        is_scoring_end = is_first != is_last
-        self.score_destinations = destination_ranks(stage, stages[0], tp.rank) if is_last and is_scoring_end else []
-        self.score_source = source_rank(stages[-1], stage, tp.rank) if is_first and is_scoring_end else None
+        # (a last-stage rank may have no first-stage rank to send to: it then only skips the scoring)
+        self.is_last_of_several = is_last and not is_first
+        self.score_destinations = destination_ranks(stage, stages[0], tp.rank) if self.is_last_of_several else []
+        self.score_source = source_rank(stages[-1], stage, tp.rank) if is_first and not is_last else None
         self._awaiting_score: dict[int, StepBatch] = {}
         self._pending_sends: tuple[torch.Tensor | None, list] = (None, [])
         self._workspace = GatherWorkspace()
         self._decode_kernel = decode_attention_kernel(device, model.cos.dtype)
         self.busy_seconds = 0.0
         self.num_steps = 0
+        self.num_scored_steps = 0  # steps scored for the last stage (a first stage sharing the LM head)
         self.recent_steps: deque[tuple[int, float, float]] = deque(maxlen=256)
 
     def run(self, batch: StepBatch) -> StepResult | None:
@@ -58,8 +60,8 @@ class StageRunner:
         else:
             sample_rows, prompt_rows = batch.scored_rows()
             scored = hidden[sample_rows + prompt_rows] if sample_rows or prompt_rows else None  # [R, C]
-            if batch.is_scored_on_first_stage and self.score_destinations:
-                if scored is not None:
+            if batch.is_scored_on_first_stage and self.is_last_of_several:
+                if scored is not None and self.score_destinations:
                     self._send(scored, self.score_destinations)
             else:
                 result = self._score(batch, scored)
@@ -77,11 +79,13 @@ class StageRunner:
             dist.recv(hidden, src=self.score_source)
         started = time.perf_counter()
         result = self._score(batch, hidden)
-        self._record(step_id, started)
+        self.busy_seconds += time.perf_counter() - started
+        self.num_scored_steps += 1
         return result
 
     def stats(self) -> WorkerStats:
-        return WorkerStats(self.rank, self.stage_index, self.busy_seconds, self.num_steps, tuple(self.recent_steps))
+        return WorkerStats(self.rank, self.stage_index, self.busy_seconds, self.num_steps, tuple(self.recent_steps),
+                           self.num_scored_steps)
 
     def _record(self, step_id: int, started: float) -> None:
         finished = time.perf_counter()

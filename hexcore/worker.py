@@ -71,6 +71,11 @@ def _build_runner(spec: WorkerSpec) -> StageRunner:
     return StageRunner(model, kv_caches, tp, spec.rank, stage_index, spec.stages, spec.block_size, target)
 
 
+def _send_result(conn, result) -> None:
+    if result is not None:  # TP ranks other than the leader have none
+        conn.send(result)
+
+
 def worker_main(spec: WorkerSpec, conn) -> None:
     _die_with_parent()
     _keep_freed_memory()
@@ -81,10 +86,10 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         conn.send(WorkerReady(spec.rank, time.perf_counter() - started))
         while True:
             message = conn.recv()
-            if isinstance(message, (StepBatch, ScoreStep)):
-                result = runner.run(message) if isinstance(message, StepBatch) else runner.score(message.step_id)
-                if result is not None:
-                    conn.send(result)
+            if isinstance(message, StepBatch):
+                _send_result(conn, runner.run(message))
+            elif isinstance(message, ScoreStep):
+                _send_result(conn, runner.score(message.step_id))
             elif isinstance(message, StatsRequest):
                 conn.send(runner.stats())
             elif isinstance(message, Shutdown):
