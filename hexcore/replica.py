@@ -75,7 +75,7 @@ class Replica:
         self.workers = ReplicaWorkers(plan.workers)
         self.eos_token_ids = eos_token_ids
         self.num_micro_batches = plan.num_micro_batches
-        self.is_lm_head_shared = engine.share_lm_head and len(plan.spec.stages) > 1
+        self.is_lm_head_shared = plan.workers[0].is_lm_head_shared
         self.in_flight: dict[int, InFlightStep] = {}  # by step id, in the order submitted
         self._unscored_step: int | None = None  # scored on the first stage, which has not been told yet
         self._next_step_id = 0
@@ -93,15 +93,19 @@ class Replica:
         KV lands in block 0, which nothing holds yet and whose next owner writes every position
         before reading it."""
         greedy = SeqSampling(SamplingParams(temperature=0.0, max_tokens=1), seed=0, num_generated=0)
-        for is_scored_on_first_stage in (False, True) if self.is_lm_head_shared else (False,):
-            step_id, self._next_step_id = self._next_step_id, self._next_step_id + 1
-            assert is_scored_on_first_stage == (self.is_lm_head_shared and step_id % 2 == 1), "the steps' parity"
+        for _ in range(2 if self.is_lm_head_shared else 1):
+            step_id, is_scored_on_first_stage = self._take_step_id()
             self.workers.submit(StepBatch(step_id=step_id, token_ids=[0], positions=[0], query_lens=[1],
                                           context_lens=[1], block_tables=[[0]], sampling=[greedy], prompt_scoring=[None],
                                           is_scored_on_first_stage=is_scored_on_first_stage))
             if is_scored_on_first_stage:
                 self.workers.score_on_first_stage(step_id)
             self.workers.wait_for_result(step_id)
+
+    def _take_step_id(self) -> tuple[int, bool]:
+        """The next step's id, and whether the first stage scores it (every other step, with a shared head)."""
+        step_id, self._next_step_id = self._next_step_id, self._next_step_id + 1
+        return step_id, self.is_lm_head_shared and step_id % 2 == 1
 
     @property
     def has_work(self) -> bool:
@@ -157,13 +161,13 @@ class Replica:
             positions.extend(range(item.start, item.end))
             sampling.append(self._sampling(item.seq) if item.completes_known_tokens else None)
             scoring.append(self._prompt_scoring(item))
-        step_id, self._next_step_id = self._next_step_id, self._next_step_id + 1
+        step_id, is_scored_on_first_stage = self._take_step_id()
         return StepBatch(step_id=step_id, token_ids=token_ids, positions=positions,
                          query_lens=[item.num_new_tokens for item in scheduled],
                          context_lens=[item.end for item in scheduled],
                          block_tables=[list(item.seq.block_table) for item in scheduled],
                          sampling=sampling, prompt_scoring=scoring,
-                         is_scored_on_first_stage=self.is_lm_head_shared and step_id % 2 == 1)
+                         is_scored_on_first_stage=is_scored_on_first_stage)
 
     def _sampling(self, seq: Sequence) -> SeqSampling:
         params = seq.params
