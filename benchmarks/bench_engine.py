@@ -15,7 +15,8 @@ another's prompt blocks. Every configuration runs `--rounds` times (default 3), 
 best run is reported: on a shared VM whose speed drifts by tens of percent within minutes, a ratio
 of two configurations measured a minute apart would otherwise measure the drift. pp2 and
 pp2-serial are the very same two worker processes, run back to back (in alternating order from
-round to round) with 2 and then 1 micro-batch in flight. Run from the repository root:
+round to round) with 2 and then 1 micro-batch in flight; each round's ratio of the two is printed too,
+with their median. Run from the repository root:
 
     .venv/bin/python -m benchmarks.bench_engine [--rounds 3] [--json FILE]
 """
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -214,6 +216,7 @@ def main() -> None:
           f"ignore_eos; SmolLM2-135M float32; {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
           flush=True)
     runs: list[Measurement] = []
+    pair_ratios: list[float] = []  # pp2 / pp2-serial per round: the same processes, a minute apart at most
     hf_sequential_out = None
     for round_index in range(args.rounds):  # interleaved: a slow phase of the machine hits every configuration
         print(f"round {round_index + 1} of {args.rounds}:", flush=True)
@@ -228,6 +231,9 @@ def main() -> None:
                     set_micro_batches(llm, pp2_modes[name])
                     runs.append(run_engine(name, llm, prompts, params))
                     print_run(runs[-1])
+            if len(modes) == 2:
+                by_mode = {m.name: m.tokens_per_second for m in runs[-2:]}
+                pair_ratios.append(by_mode["engine-pp2"] / by_mode["engine-pp2-serial"])
         if "hf" in selected:
             batch, sequential, hf_sequential_out = run_hf(prompts, args.hf_sequential_prompts, args.output_len)
             runs += [batch, sequential]
@@ -235,7 +241,7 @@ def main() -> None:
             print_run(sequential)
     measurements = best_runs(runs)
 
-    report(measurements, args, hf_sequential_out)
+    report(measurements, args, hf_sequential_out, pair_ratios)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
@@ -243,7 +249,8 @@ def main() -> None:
                                              engine={k: v for k, v in m.engine.items() if k != "token_ids"})
                                         for m in measurements],
                        "rounds": [{"name": m.name, "tokens_per_second": m.tokens_per_second,
-                                   "load_average": m.load_average} for m in runs]}, f, indent=2)
+                                   "load_average": m.load_average} for m in runs],
+                       "pp2_pair_ratios": pair_ratios}, f, indent=2)
 
 
 def print_run(m: Measurement) -> None:
@@ -260,7 +267,7 @@ def best_runs(runs: list[Measurement]) -> list[Measurement]:
     return list(best.values())
 
 
-def report(measurements: list[Measurement], args, hf_sequential_out: list | None) -> None:
+def report(measurements: list[Measurement], args, hf_sequential_out: list | None, pair_ratios: list[float]) -> None:
     by_name = {m.name: m for m in measurements}
     print(f"\n{'configuration':<20}{'requests':>9}{'seconds':>9}{'out tok/s':>11}{'load avg':>10}")
     for m in measurements:
@@ -275,6 +282,9 @@ def report(measurements: list[Measurement], args, hf_sequential_out: list | None
             ratio = by_name[figure].tokens_per_second / by_name[reference].tokens_per_second
             verdict = "met" if ratio >= needed else "NOT met"
             print(f"{figure + ' / ' + reference:<42}{ratio:>8.2f}{needed:>7.1f}x  {verdict}")
+    if pair_ratios:  # each round's pair ran on the same two workers back to back: the least drift
+        print(f"engine-pp2 / engine-pp2-serial per round: {' '.join(f'{r:.2f}' for r in pair_ratios)}; "
+              f"median {statistics.median(pair_ratios):.2f}")
 
     print("\nwhere the engine's time goes (during the timed generate call):")
     for m in measurements:
