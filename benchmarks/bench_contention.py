@@ -24,8 +24,10 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from benchmarks.bench_linear import SHAPES
+
 ROWS = (16, 32)
-STAGE_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 15  # [out, in] per linear layer
+STAGE_SHAPES = SHAPES[: len(SHAPES) // 2]  # [out, in] per linear layer: the first 15 of SmolLM2's 30 layers
 
 
 @dataclass(frozen=True)
