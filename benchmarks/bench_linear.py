@@ -16,15 +16,15 @@ import time
 
 import torch
 
-from hexcore import cpu_linear
-from hexcore.devices import PACKED_WEIGHT_BATCH_HINT
+from hexcore.kernels import panel_linear
+from hexcore.kernels.select import PACKED_WEIGHT_BATCH_HINT
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30  # [out, in] per linear layer
 HEAD_SHAPE = (49152, 576)
 
 
 def one_dnn(weight: torch.Tensor):
-    """The engine's kernel where the loop cannot be built (hexcore/devices.py `linear_kernel`)."""
+    """The engine's kernel where the loop cannot be built (hexcore/kernels/select.py `linear_kernel`)."""
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_WEIGHT_BATCH_HINT)
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
@@ -42,11 +42,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 32, 512])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    if cpu_linear.packed_linear(torch.ones(1, 1)) is None:
+    if panel_linear.packed_linear(torch.ones(1, 1)) is None:
         raise SystemExit("the panel loop could not be built here (a C++ compiler and ninja are needed)")
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(shape, generator=generator) * 0.05 for shape in SHAPES + [HEAD_SHAPE]]
-    kernels = {"oneDNN": [one_dnn(w) for w in weights], "panels": [cpu_linear.packed_linear(w) for w in weights]}
+    kernels = {"oneDNN": [one_dnn(w) for w in weights], "panels": [panel_linear.packed_linear(w) for w in weights]}
     print(f"{'threads':>7} {'rows':>5} | {'layers ms: oneDNN':>17} {'panels':>7} {'speed-up':>8} {'GFLOP/s':>7} |"
           f" {'head ms: oneDNN':>15} {'panels':>7} {'speed-up':>8}")
     for threads in args.threads:

@@ -21,14 +21,14 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hexcore.kv_cache import allocate_kv_cache
-from hexcore.llama import LlamaDims, RopeSpec, load_stage
-from hexcore.messages import SeqSampling, StageLayout, StepBatch
-from hexcore.model_files import resolve_model_dir
-from hexcore.parallel import SINGLE
+from hexcore.model.kv_cache import allocate_kv_cache
+from hexcore.model.llama import LlamaDims, RopeSpec, load_stage
+from hexcore.executor.messages import SeqSampling, StageLayout, StepBatch
+from hexcore.model.files import resolve_model_dir
+from hexcore.model.parallel import SINGLE
 from hexcore.sampling_params import SamplingParams
-from hexcore.stage_runner import StageRunner
-from hexcore.weights import Checkpoint
+from hexcore.worker.stage_runner import StageRunner
+from hexcore.model.weights import Checkpoint
 
 BLOCK_SIZE = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
@@ -67,9 +67,9 @@ def categorise(name: str) -> str:
 def _label_compiled_loops(runner: StageRunner) -> None:
     """hexcore's compiled C++ loops (linear layers, decode attention, RMSNorm, SiLU-and-mul) are no
     torch ops: name them for the profiler here, so that the engine's own hot path carries no labels."""
-    from hexcore.cpu_elementwise import ElementwiseKernels
-    from hexcore.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
-    from hexcore.llama import LlamaMLP, RMSNorm
+    from hexcore.kernels.elementwise import ElementwiseKernels
+    from hexcore.model.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
+    from hexcore.model.llama import LlamaMLP, RMSNorm
 
     def labelled(name, fn):
         def call(*args):
@@ -158,7 +158,7 @@ def driver_costs(batch: StepBatch, repeats: int) -> None:
     """What the driver and the pipes add per step, outside any worker's busy time."""
     from transformers import AutoTokenizer
 
-    from hexcore.detokenizer import IncrementalDetokenizer
+    from hexcore.engine.detokenizer import IncrementalDetokenizer
 
     payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
     dumps = time_runs(lambda: pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL), repeats)

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 
 import anyio
 
-from hexcore.engine_client import EngineClient
+from hexcore.engine.client import EngineClient
 from hexcore.outputs import RequestOutput
 from hexcore.sampling_params import SamplingParams
 from server.metrics import RequestTracker, ServerMetrics

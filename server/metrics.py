@@ -8,7 +8,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from hexcore.engine_client import EngineClient
+from hexcore.engine.client import EngineClient
 from hexcore.outputs import RequestOutput
 
 logger = logging.getLogger("hexgen.server")

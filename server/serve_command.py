@@ -18,7 +18,7 @@ import uvicorn
 from sse_starlette.sse import AppStatus
 
 from hexcore.config import DeploymentConfig, load_config, parse_config, single_device_config
-from hexcore.model_files import resolve_model_dir
+from hexcore.model.files import resolve_model_dir
 
 DRAIN_SECONDS = 30
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -79,7 +79,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hexcore.deployment import resolve
+    from hexcore.executor.deployment import resolve
 
     config = deployment_from_args(args)
     configure_logging(args.log_level)
@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: DeploymentConfig, sock: socket.socket, log_level: str) -> int:
-    from hexcore.async_engine import AsyncEngine  # heavy imports: only when serving, not for every hexgen command
-    from server.router import build_app
+    from hexcore.engine.async_engine import AsyncEngine  # heavy imports: only when serving, not for every hexgen command
+    from server.app import build_app
 
     AppStatus.disable_automatic_graceful_drain()  # let streams finish during the drain
     engine = AsyncEngine(config)

@@ -13,7 +13,7 @@ from fastapi import Request
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from hexcore.engine_client import EngineClient, EngineOverloaded
+from hexcore.engine.client import EngineClient, EngineOverloaded
 from hexcore.sampling_params import InvalidParameter, SamplingParams
 from server.errors import APIError, bad_request, internal_error
 from server.generation import Generation

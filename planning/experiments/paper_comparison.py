@@ -28,10 +28,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from hexcore.config import EngineSpec  # noqa: E402
-from planning.cluster import load_cluster  # noqa: E402
-from planning.genetic import SearchParams, search  # noqa: E402
-from planning.models import load_model  # noqa: E402
-from planning.workload import WorkloadSpec, load_workload  # noqa: E402
+from planning.inputs.cluster import load_cluster  # noqa: E402
+from planning.search.genetic import SearchParams, search  # noqa: E402
+from planning.inputs.models import load_model  # noqa: E402
+from planning.inputs.workload import WorkloadSpec, load_workload  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 POOLS = {  # label -> (cluster file, symmetric replicas only)

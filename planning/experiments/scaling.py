@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from planning.cluster import ClusterSpec, build_cluster
-from planning.genetic import SearchParams, search
-from planning.models import load_model
-from planning.workload import load_workload
+from planning.inputs.cluster import ClusterSpec, build_cluster
+from planning.search.genetic import SearchParams, search
+from planning.inputs.models import load_model
+from planning.inputs.workload import load_workload
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

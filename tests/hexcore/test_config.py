@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hexcore.config import Device, load_config, parse_config
-from hexcore.deployment import resolve
+from hexcore.executor.deployment import resolve
 from tests.conftest import deployment
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from hexcore.config import parse_config
-from hexcore.llm import LLM
+from hexcore.engine.llm import LLM
 from hexcore.sampling_params import SamplingParams
 from tests.conftest import deployment
 from tests.hexcore.hf_reference import greedy_reference

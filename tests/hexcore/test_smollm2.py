@@ -7,8 +7,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from hexcore.config import parse_config
-from hexcore.llm import LLM
-from hexcore.model_files import resolve_model_dir
+from hexcore.engine.llm import LLM
+from hexcore.model.files import resolve_model_dir
 from hexcore.sampling_params import SamplingParams
 from tests.hexcore.hf_reference import greedy_reference
 

@@ -33,7 +33,7 @@ def _serve(tokenizer_dir: str, port: int, max_model_len: int) -> None:
     import uvicorn
     from transformers import AutoTokenizer
 
-    from server.router import build_app
+    from server.app import build_app
 
     engine = FakeEngine(AutoTokenizer.from_pretrained(tokenizer_dir), max_model_len=max_model_len)
     uvicorn.run(build_app(engine), host="127.0.0.1", port=port, log_level="warning")

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import uvicorn
 
-from server.router import build_app
+from server.app import build_app
 from tests.conftest import build_tokenizer
 from tests.server.fake_engine import FakeEngine
 

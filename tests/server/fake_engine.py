@@ -12,7 +12,7 @@ import asyncio
 import random
 import zlib
 
-from hexcore.engine_client import EngineOverloaded, EngineStats, ReplicaStats
+from hexcore.engine.client import EngineOverloaded, EngineStats, ReplicaStats
 from hexcore.outputs import ChoiceDelta, RequestOutput, TokenLogprob
 from hexcore.sampling_params import InvalidParameter, SamplingParams
 

@@ -32,7 +32,7 @@ class ServerProcess:
     def __init__(self, config_path: Path, port: int):
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--config", str(config_path), "--port", str(port),
+            [sys.executable, "-m", "server.entrypoint", "serve", "--config", str(config_path), "--port", str(port),
              "--api-key", API_KEY, "--log-level", "warning"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from server.cli import build_parser, main
+from server.entrypoint import build_parser, main
 from server.serve_command import deployment_from_args
 
 

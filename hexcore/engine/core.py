@@ -1,0 +1,263 @@
+"""The engine proper: requests in, incremental outputs out, over one or more replicas.
+
+`step()` is the whole loop: fill every replica's pipeline (schedule), wait for a step to come back
+from a worker (run), then turn sampled tokens into text, stops and outputs (postprocess).
+It is synchronous and single-threaded; `LLM` drives it directly, `AsyncEngine` from a thread.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+
+from hexcore.executor.deployment import ResolvedDeployment
+from hexcore.engine.detokenizer import IncrementalDetokenizer
+from hexcore.engine.client import EngineStats, ReplicaStats
+from hexcore.outputs import ChoiceDelta, RequestOutput, TokenLogprob
+from hexcore.engine.replica import Replica, SeqResult
+from hexcore.engine.router import Router
+from hexcore.sampling_params import InvalidParameter, SamplingParams
+from hexcore.engine.sequence import Sequence
+
+_STATS_INTERVAL = 1.0
+
+
+@dataclass
+class _Choice:
+    """What one choice has produced since its last output."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    is_dirty: bool = False
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    replica: Replica
+    choices: list[_Choice]
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    is_prompt_logprobs_sent: bool = False
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+class EngineCore:
+    def __init__(self, deployment: ResolvedDeployment, tokenizer):
+        self.deployment = deployment
+        self.tokenizer = tokenizer
+        self.max_model_len = deployment.max_model_len
+        eos = tokenizer.eos_token_id
+        self.eos_token_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        engine = deployment.config.engine
+        self.replicas = [Replica(plan, engine, self.eos_token_ids) for plan in deployment.replicas]
+        self.router = Router(self.replicas)
+        self.requests: dict[str, _Request] = {}
+        self._next_seq_id = 0
+        self._stats_requested_at = 0.0
+        self._conn_owner: dict[Connection, Replica] = {}
+
+    # lifecycle
+    def start(self) -> None:
+        try:
+            for replica in self.replicas:
+                replica.start()
+        except BaseException:
+            self.shutdown()
+            raise
+        self._conn_owner = {conn: r for r in self.replicas for conn in r.workers.conns}
+
+    def shutdown(self) -> None:
+        for replica in self.replicas:
+            replica.workers.shutdown()
+
+    # requests
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or any(r.has_work for r in self.replicas)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        max_tokens = self._check_request(prompt_token_ids, params)
+        base_seed = params.seed if params.seed is not None else random.getrandbits(62)
+        now = time.monotonic()
+        seqs = []
+        for index in range(params.n):
+            seqs.append(Sequence(self._next_seq_id, request_id, index, list(prompt_token_ids), params,
+                                 seed=base_seed + index, max_tokens=max_tokens, arrival_time=now))
+            self._next_seq_id += 1
+        replica = self.router.choose(seqs)
+        detokenizers = [IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
+                        for _ in seqs]
+        self.requests[request_id] = _Request(request_id, list(prompt_token_ids), params, seqs, detokenizers, replica,
+                                             [_Choice() for _ in seqs],
+                                             [None] if params.prompt_logprobs is not None else None)
+        for seq in seqs:
+            replica.scheduler.add(seq)
+
+    def _check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Reject what can never be served; return the effective max_tokens."""
+        num_prompt = len(prompt_token_ids)
+        vocab = self.deployment.dims.vocab_size
+        if num_prompt == 0:
+            raise InvalidParameter("prompt", "the prompt is empty")
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidParameter("prompt", f"prompt token ids must be in [0, {vocab})")
+        if num_prompt >= self.max_model_len:
+            raise InvalidParameter("prompt", f"the prompt has {num_prompt} tokens, but max_model_len is "
+                                             f"{self.max_model_len} (the prompt must leave room for one token)")
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
+        if num_prompt + max_tokens > self.max_model_len:
+            raise InvalidParameter("max_tokens", f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) "
+                                                 f"exceeds max_model_len ({self.max_model_len})")
+        capacity = max(r.block_manager.capacity_tokens for r in self.replicas)
+        if num_prompt + max_tokens > capacity:
+            raise InvalidParameter("max_tokens", f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) "
+                                                 f"exceeds the KV cache of the largest replica ({capacity} tokens)")
+        return max_tokens
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq, choice in zip(request.seqs, request.choices):
+            if not seq.is_finished:
+                request.replica.scheduler.finish(seq, "abort")
+                choice.finish_reason, choice.is_dirty = "abort", True
+        return self._output(request)
+
+    # the loop
+    def step(self, timeout: float | None = None, wakeup=None) -> list[RequestOutput]:
+        """Schedule, wait up to `timeout` for results (or for `wakeup` to become readable), postprocess."""
+        for replica in self.replicas:
+            replica.fill_pipeline()
+        self._maybe_request_worker_stats()
+        watched = list(self._conn_owner) + ([wakeup] if wakeup is not None else [])
+        if not any(r.in_flight for r in self.replicas) and wakeup is None:
+            return self._collect_outputs()
+        for conn in wait(watched, timeout=timeout):
+            if conn is wakeup:
+                continue
+            replica = self._conn_owner[conn]
+            result = replica.workers.receive(conn)
+            if result is not None:
+                for seq_result in replica.complete(result):
+                    self._postprocess(seq_result)
+                replica.fill_pipeline()  # refill at once: keep the stages busy
+        return self._collect_outputs()
+
+    def _postprocess(self, result: SeqResult) -> None:
+        seq = result.seq
+        request = self.requests.get(seq.request_id)
+        if request is None:
+            return
+        if result.prompt_logprobs:
+            request.prompt_logprobs.extend(result.prompt_logprobs)
+        if result.token is None:
+            return
+        params, choice = seq.params, request.choices[seq.index]
+        token_id = result.token.token_id
+        seq.output_token_ids.append(token_id)
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        choice.token_ids.append(token_id)
+        choice.is_dirty = True
+        if params.logprobs is not None:
+            choice.logprobs.append(result.token)
+        detokenizer = request.detokenizers[seq.index]
+        reason = None
+        if token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos):
+            reason = "stop"
+        elif detokenizer.append(token_id) is not None:
+            reason = "stop"
+        elif seq.num_generated >= seq.max_tokens:
+            reason = "length"
+        choice.text += detokenizer.take_new_text(is_final=reason is not None)
+        if reason is not None:
+            choice.finish_reason = reason
+            request.replica.scheduler.finish(seq, reason)
+            if request.is_finished:
+                self._record_latency(request, seq.num_generated)
+
+    @staticmethod
+    def _record_latency(request: _Request, num_generated: int) -> None:
+        now, metrics = time.monotonic(), request.replica.metrics
+        metrics.ttft_seconds.append(request.first_token_time - request.arrival_time)
+        if num_generated > 1:
+            metrics.tpot_seconds.append((now - request.first_token_time) / (num_generated - 1))
+
+    def _collect_outputs(self) -> list[RequestOutput]:
+        outputs = []
+        for request in list(self.requests.values()):
+            if not any(choice.is_dirty for choice in request.choices):
+                continue
+            if request.prompt_logprobs is not None and len(request.prompt_logprobs) < len(request.prompt_token_ids):
+                continue  # the first output carries the whole prompt's scores
+            outputs.append(self._output(request))
+            if request.is_finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def _output(self, request: _Request) -> RequestOutput:
+        deltas = []
+        for index, choice in enumerate(request.choices):
+            if choice.is_dirty:
+                deltas.append(ChoiceDelta(index, choice.token_ids, choice.text,
+                                          choice.logprobs if request.params.logprobs is not None else None,
+                                          choice.finish_reason))
+                request.choices[index] = _Choice(finish_reason=choice.finish_reason)
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None and not request.is_prompt_logprobs_sent:
+            prompt_logprobs, request.is_prompt_logprobs_sent = request.prompt_logprobs, True
+        return RequestOutput(request.request_id, len(request.prompt_token_ids), deltas,
+                             is_finished=request.is_finished, prompt_logprobs=prompt_logprobs,
+                             replica=request.replica.name)
+
+    # stats
+    def _maybe_request_worker_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._stats_requested_at >= _STATS_INTERVAL:
+            self._stats_requested_at = now
+            for replica in self.replicas:
+                replica.workers.request_stats()
+
+    def collect_worker_stats(self) -> None:
+        """Refresh every worker's stats now (only while idle: results must not be in flight)."""
+        assert not any(r.in_flight for r in self.replicas), "collect_worker_stats() needs an idle engine"
+        for replica in self.replicas:
+            for conn in replica.workers.conns:  # drop replies to earlier periodic requests
+                while conn.poll(0.05):
+                    replica.workers.receive(conn)
+            replica.workers.request_stats()
+            for conn in replica.workers.conns:
+                replica.workers.receive(conn)
+
+    def stats(self) -> EngineStats:
+        now = time.monotonic()
+        replicas = []
+        for r in self.replicas:
+            m = r.metrics
+            wall = max(1e-9, now - m.started_at)
+            busy = [max((r.workers.stats[rank].busy_seconds for rank in stage.ranks if rank in r.workers.stats),
+                        default=0.0) / wall for stage in r.plan.workers[0].stages]
+            replicas.append(ReplicaStats(
+                name=r.name, num_running=len(r.scheduler.running), num_waiting=len(r.scheduler.waiting),
+                num_kv_blocks_used=r.block_manager.num_used_blocks, num_kv_blocks_total=r.block_manager.num_blocks,
+                num_preemptions=r.scheduler.num_preemptions, num_prompt_tokens=m.num_prompt_tokens,
+                num_generated_tokens=m.num_generated_tokens, num_steps=m.num_steps,
+                mean_step_seconds=m.step_seconds / max(1, m.num_steps), stage_busy_fraction=busy,
+                ttft_seconds=list(m.ttft_seconds), tpot_seconds=list(m.tpot_seconds)))
+        return EngineStats(replicas)

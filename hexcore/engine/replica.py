@@ -1,0 +1,191 @@
+"""One replica at run time: its scheduler, its worker processes, and the micro-batches in flight
+through its pipeline. With S stages and M micro-batches in flight, stage j works on one micro-batch
+while stage j+1 works on the one before: every worker runs the steps it is sent in order, so the
+overlap needs no more coordination than keeping M steps submitted.
+
+With a shared LM head (engine.share_lm_head, 2+ stages) every other step is scored on the first
+stage. The first stage is told to score step k (ScoreStep) only after the next step has been sent
+to it: it then computes that step's layers while the last stage finishes step k, instead of
+waiting. If no next step can be formed, it is told at once."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from hexcore.engine.block_manager import BlockManager
+from hexcore.config import EngineSpec
+from hexcore.executor.deployment import ReplicaPlan
+from hexcore.executor.messages import PromptScoring, SeqSampling, StepBatch, StepResult
+from hexcore.outputs import TokenLogprob
+from hexcore.sampling_params import SamplingParams
+from hexcore.engine.scheduler import ScheduledSeq, Scheduler
+from hexcore.engine.sequence import Sequence
+from hexcore.executor.replica_workers import ReplicaWorkers
+
+
+@dataclass(frozen=True)
+class InFlightStep:
+    batch: StepBatch
+    scheduled: list[ScheduledSeq]
+    submitted_at: float
+
+
+@dataclass
+class ReplicaMetrics:
+    """What a replica has done since it started: read by the router and the engine's stats."""
+
+    started_at: float = field(default_factory=time.monotonic)
+    num_steps: int = 0
+    step_seconds: float = 0.0  # summed submit-to-result latency of the steps
+    busy_seconds: float = 0.0  # wall time with at least one step in flight
+    num_prompt_tokens: int = 0  # prompt tokens computed (prefill work)
+    num_generated_tokens: int = 0
+    ttft_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))  # recent finished requests
+    tpot_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))
+    busy_since: float = 0.0
+
+    def step_submitted(self, was_idle: bool) -> None:
+        if was_idle:
+            self.busy_since = time.monotonic()
+
+    def step_completed(self, submitted_at: float, is_idle: bool) -> None:
+        now = time.monotonic()
+        self.num_steps += 1
+        self.step_seconds += now - submitted_at
+        if is_idle:
+            self.busy_seconds += now - self.busy_since
+
+
+@dataclass(frozen=True)
+class SeqResult:
+    seq: Sequence
+    token: TokenLogprob | None
+    prompt_logprobs: list[TokenLogprob] | None
+
+
+class Replica:
+    def __init__(self, plan: ReplicaPlan, engine: EngineSpec, eos_token_ids: tuple[int, ...]):
+        self.name = plan.name
+        self.plan = plan
+        self.block_manager = BlockManager(plan.num_kv_blocks, engine.block_size, engine.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, engine.max_num_seqs, engine.max_num_batched_tokens)
+        self.workers = ReplicaWorkers(plan.workers)
+        self.eos_token_ids = eos_token_ids
+        self.num_micro_batches = plan.num_micro_batches
+        self.is_lm_head_shared = plan.workers[0].is_lm_head_shared
+        self.in_flight: dict[int, InFlightStep] = {}  # by step id, in the order submitted
+        self._unscored_step: int | None = None  # scored on the first stage, which has not been told yet
+        self._next_step_id = 0
+        self.metrics = ReplicaMetrics()
+        self.step_observers: list[Callable[[StepBatch], None]] = []  # e.g. measurement tools
+
+    def start(self) -> None:
+        self.workers.start()
+        self._warm_up()
+        self.metrics = ReplicaMetrics()
+
+    def _warm_up(self) -> None:
+        """One token through every stage before any request (scored at either end if the head is
+        shared), so that no request pays the workers' first-call costs (~130 ms on a CPU stage). Its
+        KV lands in block 0, which nothing holds yet and whose next owner writes every position
+        before reading it."""
+        greedy = SeqSampling(SamplingParams(temperature=0.0, max_tokens=1), seed=0, num_generated=0)
+        for _ in range(2 if self.is_lm_head_shared else 1):
+            step_id, is_scored_on_first_stage = self._take_step_id()
+            self.workers.submit(StepBatch(step_id=step_id, token_ids=[0], positions=[0], query_lens=[1],
+                                          context_lens=[1], block_tables=[[0]], sampling=[greedy], prompt_scoring=[None],
+                                          is_scored_on_first_stage=is_scored_on_first_stage))
+            if is_scored_on_first_stage:
+                self.workers.score_on_first_stage(step_id)
+            self.workers.wait_for_result(step_id)
+
+    def _take_step_id(self) -> tuple[int, bool]:
+        """The next step's id, and whether the first stage scores it (every other step, with a shared head)."""
+        step_id, self._next_step_id = self._next_step_id, self._next_step_id + 1
+        return step_id, self.is_lm_head_shared and step_id % 2 == 1
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.in_flight) or self.scheduler.num_unfinished > 0
+
+    def fill_pipeline(self) -> None:
+        """Submit micro-batches until M are in flight or nothing more can be scheduled."""
+        while len(self.in_flight) < self.num_micro_batches:
+            num_active = self.scheduler.num_unfinished
+            max_seqs = max(1, -(-num_active // self.num_micro_batches))
+            scheduled = self.scheduler.schedule(max_seqs)
+            if not scheduled:
+                break
+            batch = self._build_batch(scheduled)
+            self.workers.submit(batch)
+            for observe in self.step_observers:
+                observe(batch)
+            self.metrics.step_submitted(was_idle=not self.in_flight)
+            self.in_flight[batch.step_id] = InFlightStep(batch, scheduled, time.monotonic())
+            self._tell_first_stage_to_score()
+            if batch.is_scored_on_first_stage:
+                self._unscored_step = batch.step_id
+        if len(self.in_flight) == 1:  # nothing else will come back before it: no next step to wait for
+            self._tell_first_stage_to_score()
+
+    def _tell_first_stage_to_score(self) -> None:
+        if self._unscored_step is not None:
+            self.workers.score_on_first_stage(self._unscored_step)
+            self._unscored_step = None
+
+    def complete(self, result: StepResult) -> list[SeqResult]:
+        step = self.in_flight.pop(result.step_id)  # either end of the pipeline may report it
+        self.metrics.step_completed(step.submitted_at, is_idle=not self.in_flight)
+        results = []
+        for item, token, prompt_logprobs in zip(step.scheduled, result.tokens, result.prompt_logprobs):
+            seq = item.seq
+            seq.is_in_flight = False
+            if seq.is_finished:  # aborted while in flight: its blocks are already free
+                continue
+            seq.num_computed_tokens = item.end
+            self.block_manager.register_computed(seq)
+            if prompt_logprobs is not None:
+                seq.num_prompt_logprobs_done += len(prompt_logprobs)
+            self.metrics.num_prompt_tokens += max(0, min(item.end, seq.num_prompt_tokens) - item.start)
+            self.metrics.num_generated_tokens += token is not None
+            results.append(SeqResult(seq, token, prompt_logprobs))
+        return results
+
+    def _build_batch(self, scheduled: list[ScheduledSeq]) -> StepBatch:
+        token_ids, positions, sampling, scoring = [], [], [], []
+        for item in scheduled:
+            token_ids.extend(item.seq.token_ids(item.start, item.end))
+            positions.extend(range(item.start, item.end))
+            sampling.append(self._sampling(item.seq) if item.completes_known_tokens else None)
+            scoring.append(self._prompt_scoring(item))
+        step_id, is_scored_on_first_stage = self._take_step_id()
+        return StepBatch(step_id=step_id, token_ids=token_ids, positions=positions,
+                         query_lens=[item.num_new_tokens for item in scheduled],
+                         context_lens=[item.end for item in scheduled],
+                         block_tables=[list(item.seq.block_table) for item in scheduled],
+                         sampling=sampling, prompt_scoring=scoring,
+                         is_scored_on_first_stage=is_scored_on_first_stage)
+
+    def _sampling(self, seq: Sequence) -> SeqSampling:
+        params = seq.params
+        banned: tuple[int, ...] = ()
+        if seq.num_generated < params.min_tokens:
+            banned = params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
+        needs_outputs = params.has_penalties
+        return SeqSampling(params=params, seed=seq.seed, num_generated=seq.num_generated, banned_token_ids=banned,
+                           output_token_ids=tuple(seq.output_token_ids) if needs_outputs else (),
+                           prompt_token_ids=tuple(seq.prompt_token_ids) if params.repetition_penalty != 1.0 else ())
+
+    @staticmethod
+    def _prompt_scoring(item: ScheduledSeq) -> PromptScoring | None:
+        seq = item.seq
+        if not seq.wants_prompt_logprobs:
+            return None
+        first = max(item.start, seq.num_prompt_logprobs_done)  # the first position still to score from
+        last = min(item.end, seq.num_prompt_tokens - 1)  # positions [first, last) predict tokens first+1..last
+        if first >= last:
+            return None
+        return PromptScoring(first - item.start, seq.prompt_token_ids[first + 1 : last + 1], seq.params.prompt_logprobs)

@@ -1,0 +1,66 @@
+"""The one place that chooses kernels per device: a weight's linear kernel, the paged decode-attention
+kernel and the fused elementwise kernels. On CPU in float32 these are hexcore's compiled C++ loops
+(this folder; built on first use by build.py); everywhere else, torch's own ops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from hexcore.kernels.elementwise import ElementwiseKernels
+
+# The batch size oneDNN lays a packed weight out for: decode steps of tens of sequences.
+PACKED_WEIGHT_BATCH_HINT = 32
+# Smaller weights stay plain: a oneDNN call costs ~30 us more than F.linear's, more than a small
+# matrix gains from packing (a 64 x 192 weight: 4 us plain, 36 us packed).
+PACKED_WEIGHT_MIN_ELEMENTS = 1 << 18
+
+
+def linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [..., in] -> x @ weight^T [..., out] with the fastest kernel for the weight's device.
+
+    On CPU in float32: hexcore/kernels/panel_linear.py's loop over the weight packed into column panels
+    (~1.3x oneDNN at decode batch sizes); where it cannot be built, large weights are packed into
+    oneDNN's blocked layout (at decode batch sizes MKL's plain GEMM re-packs the weight on every call,
+    which costs it up to half its speed). Elsewhere: F.linear. A packed copy replaces the plain
+    weight, except for a tied LM head on the stage that also embeds: the embedding keeps the plain
+    table, so such a stage holds vocab x hidden floats twice (113 MB for SmolLM2)."""
+    if _has_cpu_loops(weight.device, weight.dtype):
+        from hexcore.kernels import panel_linear
+
+        matmul = panel_linear.packed_linear(weight)
+        if matmul is not None:
+            return matmul
+        if torch.backends.mkldnn.is_available() and weight.numel() >= PACKED_WEIGHT_MIN_ELEMENTS:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_WEIGHT_BATCH_HINT)
+            return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return lambda x: F.linear(x, weight)
+
+
+def _has_cpu_loops(device: torch.device, dtype: torch.dtype) -> bool:
+    """hexcore's compiled C++ loops (hexcore/kernels/build.py) are written for CPU float32."""
+    return device.type == "cpu" and dtype == torch.float32
+
+
+def decode_attention_kernel(device: torch.device, dtype: torch.dtype) -> Callable | None:
+    """A paged decode-attention kernel that reads the KV cache in place, or None for the torch path:
+    on CPU in float32, hexcore/kernels/paged_attention.py (compiled on first use)."""
+    if _has_cpu_loops(device, dtype):
+        from hexcore.kernels import paged_attention
+
+        return paged_attention.load()
+    return None
+
+
+def elementwise_kernels(device: torch.device, dtype: torch.dtype) -> ElementwiseKernels | None:
+    """One-pass RMSNorm and SiLU-and-mul (hexcore/kernels/elementwise.py) on CPU in float32, where they
+    build; None elsewhere: the model's torch ops."""
+    if _has_cpu_loops(device, dtype):
+        from hexcore.kernels import elementwise
+
+        return elementwise.load()
+    return None

@@ -1,0 +1,111 @@
+"""The entry point of a worker process: one per device. It joins its replica's torch.distributed
+world, creates every stage's TP group (identically on all ranks), loads only its own shard, allocates
+its KV cache, reports ready, then runs the StepBatches the driver sends until told to stop."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from hexcore.config import Device
+from hexcore.hardware import check_available, torch_device
+from hexcore.model.kv_cache import allocate_kv_cache
+from hexcore.model.llama import load_stage
+from hexcore.executor.messages import ScoreStep, Shutdown, StatsRequest, StepBatch, WorkerFailed, WorkerReady, WorkerSpec
+from hexcore.model.parallel import TPGroup
+from hexcore.worker.stage_runner import StageRunner
+from hexcore.model.weights import Checkpoint
+
+_STARTUP_TIMEOUT = timedelta(minutes=5)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the driver dies, so no worker is ever orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc reuse freed memory for large tensors instead of returning it to the OS: otherwise
+    every step's big temporaries are fresh mmaps that page-fault in again."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _build_runner(spec: WorkerSpec) -> StageRunner:
+    device = Device.parse(spec.device)
+    check_available(device)
+    torch.set_num_threads(spec.num_threads)
+    if device.is_cuda:
+        torch.cuda.set_device(device.index)
+    dist.init_process_group(spec.backend, init_method=spec.init_method, rank=spec.rank,
+                            world_size=spec.world_size, timeout=_STARTUP_TIMEOUT)
+    tp = None
+    for stage in spec.stages:  # every rank creates every group, in the same order
+        group = dist.new_group(list(stage.ranks)) if stage.tp > 1 else None
+        if spec.rank in stage.ranks:
+            tp = TPGroup(stage.ranks.index(spec.rank), stage.tp, group, stage.ranks)
+    stage_index = spec.stage_index
+    stage = spec.stages[stage_index]
+    dtype = getattr(torch, spec.dtype)
+    target = torch_device(device)
+    checkpoint = Checkpoint(spec.model_dir, dtype, target)
+    model = load_stage(checkpoint, spec.dims, spec.rope, stage.first_layer, stage.num_layers, tp, spec.max_model_len,
+                       with_lm_head=spec.has_lm_head)
+    checkpoint.close()
+    kv_heads = model.dims.num_kv_heads // tp.size
+    kv_caches = allocate_kv_cache(stage.num_layers, spec.num_kv_blocks, spec.block_size, kv_heads,
+                                  model.dims.head_dim, dtype, target)
+    return StageRunner(model, kv_caches, tp, spec.rank, stage_index, spec.stages, spec.block_size, target)
+
+
+def _send_result(conn, result) -> None:
+    if result is not None:  # TP ranks other than the leader have none
+        conn.send(result)
+
+
+def worker_main(spec: WorkerSpec, conn) -> None:
+    _die_with_parent()
+    _keep_freed_memory()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    started = time.perf_counter()
+    try:
+        runner = _build_runner(spec)
+        conn.send(WorkerReady(spec.rank, time.perf_counter() - started))
+        while True:
+            message = conn.recv()
+            if isinstance(message, StepBatch):
+                _send_result(conn, runner.run(message))
+            elif isinstance(message, ScoreStep):
+                _send_result(conn, runner.score(message.step_id))
+            elif isinstance(message, StatsRequest):
+                conn.send(runner.stats())
+            elif isinstance(message, Shutdown):
+                break
+            else:
+                raise TypeError(f"unexpected message {type(message).__name__}")
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass  # the driver is gone or stopping
+    except BaseException as err:  # report, then exit: the driver decides what happens next
+        try:
+            conn.send(WorkerFailed(spec.label, f"{type(err).__name__}: {err}", traceback.format_exc()))
+        except (OSError, EOFError):
+            pass
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass

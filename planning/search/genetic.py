@@ -1,0 +1,207 @@
+"""Across the pool: a genetic search over partitions of the devices into replicas.
+
+- Initial population from clustering the link matrix: nodes are merged by single linkage on link cost
+  (latency + transfer time of 1 MB), and every level of that hierarchy is taken as is and cut into
+  replicas just big enough to hold the model (at a few memory slacks).
+- Mutations: merge two groups, split one, move devices of one node from a group to another.
+- Groups that cannot hold the model are pruned by the DP's memory bound before anything is simulated.
+- Elitism: the best `num_elites` survive unchanged; parents are picked by tournament.
+- Fitness: simulated SLO attainment, then lower mean latency (planning.search.partitions.PartitionScorer).
+Seeded with `random.Random(seed)`: the same inputs give the same plan.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from hexcore.config import EngineSpec
+from planning.inputs.cluster import Cluster
+from planning.cost.stage_cost import USABLE_MEMORY_FRACTION
+from planning.inputs.models import ModelSpec
+from planning.search.partitions import Partition, PartitionScorer, SearchResult, all_partitions, canonical
+from planning.simulate.simulator import simulate
+from planning.inputs.workload import WorkloadSpec
+
+MEMORY_SLACKS = (1.15, 1.5, 2.0, 3.0)  # replica sizes (x the weights) used to seed the population
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    population: int = 20
+    generations: int = 30
+    num_elites: int = 4
+    tournament: int = 3
+    patience: int = 8  # stop after this many generations without improvement
+    seed: int = 0
+    num_sim_requests: int | None = None  # requests per fitness simulation (default: the workload's)
+
+
+def search(
+    cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, params: SearchParams = SearchParams(),
+    engine: EngineSpec | None = None, is_symmetric: bool = False, show_progress: bool = False,
+) -> SearchResult:
+    """DP per replica + genetic search across replicas; raises ValueError when nothing fits."""
+    started = time.perf_counter()
+    scorer = PartitionScorer(cluster, model, workload, engine, is_symmetric, params.num_sim_requests)
+    rng = random.Random(params.seed)
+    seeds = _unique(initial_population(cluster, model))
+    step = max(1, len(seeds) / params.population)  # evenly over the clustering levels when there are many
+    population = _unique([seeds[int(i * step)] for i in range(min(len(seeds), params.population))])
+    for _attempt in range(params.population * 10):  # small pools may have fewer distinct partitions
+        if len(population) >= params.population:
+            break
+        population = _unique(population + [mutate(rng.choice(population), rng)])
+    best, stale = None, 0
+    for generation in tqdm(range(params.generations), desc="plan", unit="gen", file=sys.stderr, disable=not show_progress):
+        ranked = sorted(population, key=lambda p: (scorer.fitness(p), p), reverse=True)
+        if best is None or scorer.fitness(ranked[0]) > scorer.fitness(best):
+            best, stale = ranked[0], 0
+        else:
+            stale += 1
+        if stale >= params.patience or generation + 1 == params.generations:
+            break
+        population = _next_generation(ranked, scorer, params, rng)
+    return finish(scorer, best, started)
+
+
+def _next_generation(
+    ranked: list[Partition], scorer: PartitionScorer, params: SearchParams, rng: random.Random
+) -> list[Partition]:
+    """The elites unchanged, then mutated tournament winners until the population is full."""
+    children = ranked[: params.num_elites]
+    for _attempt in range(params.population * 10):
+        if len(children) >= params.population:
+            break
+        contenders = rng.sample(ranked, min(params.tournament, len(ranked)))
+        child = mutate(max(contenders, key=lambda p: (scorer.fitness(p), p)), rng)
+        if child not in children:
+            children.append(child)
+    return children
+
+
+def exhaustive(
+    cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, engine: EngineSpec | None = None,
+    is_symmetric: bool = False, num_sim_requests: int | None = None,
+) -> SearchResult:
+    """The best of every grouping of the devices (small pools only): the reference for the search."""
+    started = time.perf_counter()
+    scorer = PartitionScorer(cluster, model, workload, engine, is_symmetric, num_sim_requests)
+    best = max(all_partitions(cluster), key=lambda p: (scorer.fitness(p), p))
+    return finish(scorer, best, started)
+
+
+def one_replica(
+    cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, engine: EngineSpec | None = None,
+    is_symmetric: bool = False,
+) -> SearchResult:
+    """A single replica over every device of the pool (the DP alone, as in the paper's case study)."""
+    started = time.perf_counter()
+    scorer = PartitionScorer(cluster, model, workload, engine, is_symmetric)
+    everything = canonical([{node.index: node.count for node in cluster.nodes}])
+    return finish(scorer, everything, started)
+
+
+def finish(scorer: PartitionScorer, best: Partition, started: float) -> SearchResult:
+    fitness = scorer.fitness(best)
+    if fitness[0] < 0:
+        raise ValueError(f"infeasible pool: {scorer.infeasible_reason()}")
+    layouts = scorer.layouts(best)
+    costs = scorer.costs(layouts)
+    workload = scorer.workload
+    predicted = simulate(costs, workload)
+    throughputs = tuple(
+        c.throughput_rps(workload.mean_prompt_len, workload.mean_output_len, workload.max_total_len) for c in costs
+    )
+    return SearchResult(
+        plan=scorer.to_plan(layouts), partition=best, fitness=fitness, predicted=predicted,
+        replica_throughputs_rps=throughputs, search_seconds=time.perf_counter() - started,
+        num_evaluated=scorer.num_evaluated,
+    )
+
+
+def initial_population(cluster: Cluster, model: ModelSpec) -> list[Partition]:
+    """Every level of a single-linkage clustering of the nodes by link cost, as is and cut into
+    memory-sized replicas."""
+    clusters = [[node.index] for node in cluster.nodes]
+    levels = [[list(c) for c in clusters]]
+    while len(clusters) > 1:
+        pairs = [(i, j) for i in range(len(clusters)) for j in range(i + 1, len(clusters))]
+        i, j = min(pairs, key=lambda ij: min(_link_cost(cluster, a, b) for a in clusters[ij[0]] for b in clusters[ij[1]]))
+        clusters[i] = clusters[i] + clusters.pop(j)
+        levels.append([list(c) for c in clusters])
+    population = []
+    for level in levels:
+        population.append(canonical([{n: cluster.nodes[n].count for n in nodes} for nodes in level]))
+        for slack in MEMORY_SLACKS:
+            groups = [group for nodes in level for group in _cut(cluster, nodes, model.weight_bytes * slack)]
+            population.append(canonical(groups))
+    return population
+
+
+def _link_cost(cluster: Cluster, a: int, b: int) -> float:
+    link = cluster.link(a, b)
+    return link.latency_s + 1e6 / link.bytes_per_second
+
+
+def _cut(cluster: Cluster, nodes: list[int], target_bytes: float) -> list[dict[int, int]]:
+    """Devices of the nodes, in order, cut into groups of at least `target_bytes` usable memory."""
+    groups, current, memory = [], {}, 0.0
+    for n in nodes:
+        node = cluster.nodes[n]
+        for _ in range(node.count):
+            current[n] = current.get(n, 0) + 1
+            memory += node.device.memory_bytes * USABLE_MEMORY_FRACTION
+            if memory >= target_bytes:
+                groups.append(current)
+                current, memory = {}, 0.0
+    if current:
+        if groups:
+            for n, c in current.items():
+                groups[-1][n] = groups[-1].get(n, 0) + c
+        else:
+            groups.append(current)
+    return groups
+
+
+def mutate(partition: Partition, rng: random.Random) -> Partition:
+    """One random merge, split or swap (a split when only one group exists and it can be split)."""
+    groups = [dict(g) for g in partition]
+    sizes = [sum(g.values()) for g in groups]
+    moves = []
+    if len(groups) >= 2:
+        moves += ["merge", "swap"]
+    if max(sizes) >= 2:
+        moves.append("split")
+    if not moves:
+        return partition
+    move = rng.choice(moves)
+    if move == "merge":
+        i, j = rng.sample(range(len(groups)), 2)
+        for n, c in groups[j].items():
+            groups[i][n] = groups[i].get(n, 0) + c
+        groups.pop(j)
+    elif move == "split":
+        i = rng.choice([k for k, size in enumerate(sizes) if size >= 2])
+        while True:
+            moved = {n: rng.randint(0, c) for n, c in groups[i].items()}
+            if 0 < sum(moved.values()) < sizes[i]:
+                break
+        for n, c in moved.items():
+            groups[i][n] -= c
+        groups.append(moved)
+    else:  # swap: move some devices of one node from group i to group j
+        i, j = rng.sample(range(len(groups)), 2)
+        n = rng.choice(sorted(groups[i]))
+        count = rng.randint(1, groups[i][n])
+        groups[i][n] -= count
+        groups[j][n] = groups[j].get(n, 0) + count
+    return canonical(groups)
+
+
+def _unique(partitions: list[Partition]) -> list[Partition]:
+    return list(dict.fromkeys(partitions))

@@ -1,0 +1,237 @@
+"""Per replica: a dynamic program choosing TP groups and contiguous layer counts for a device set.
+
+The device set is a multiset of (node, count). Stage order follows the links: sites are chained in the
+order that minimises the latency of the crossings, nodes of a site stay adjacent, so a replica crosses
+each slow link at most once. Each node's devices are split into TP groups (same type, same node, TP
+degree dividing the attention and KV heads); for every such choice, a min-max DP over (stage, layers
+placed so far) assigns contiguous layer counts minimising the slowest stage's step time under each
+device's memory limit. The choice with the shortest round time (see replica_cost.round_time) wins.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from hexcore.config import EngineSpec
+from planning.inputs.cluster import Cluster
+from planning.cost.stage_cost import (
+    StageCost,
+    USABLE_MEMORY_FRACTION,
+    activation_send_time,
+    kv_bytes_per_token_per_device,
+    weight_bytes_per_device,
+    workspace_bytes_per_device,
+)
+from planning.inputs.models import ModelSpec
+from planning.cost.replica_cost import ReferenceStep, round_time
+
+Group = tuple[tuple[int, int], ...]  # sorted (node index, device count) pairs: a replica's device set
+MAX_TP_CHOICES = 128  # TP-group combinations evaluated per replica before restricting per-node options
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    node: int
+    tp: int
+    layers: int
+
+
+@dataclass(frozen=True)
+class ReplicaLayout:
+    stages: tuple[StageLayout, ...]
+    round_seconds: float  # at the reference batch
+
+
+class ReplicaPlanner:
+    """Best layout of a device group, cached per group (groups recur across the genetic search)."""
+
+    def __init__(
+        self, cluster: Cluster, model: ModelSpec, engine: EngineSpec,
+        prompt_len: float, output_len: float, max_total_len: int, is_symmetric: bool = False,
+    ):
+        self.cluster, self.model, self.engine = cluster, model, engine
+        self.prompt_len, self.output_len, self.max_total_len = prompt_len, output_len, max_total_len
+        self.is_symmetric = is_symmetric
+        self._cache: dict[Group, ReplicaLayout | None] = {}
+
+    def best(self, group: Group) -> ReplicaLayout | None:
+        """The layout with the shortest round time, or None when no layout fits in memory."""
+        if group not in self._cache:
+            self._cache[group] = self._solve(group) if self._may_fit(group) else None
+        return self._cache[group]
+
+    def _may_fit(self, group: Group) -> bool:
+        """Early pruning: the group's usable memory must at least hold the weights."""
+        usable = sum(self.cluster.nodes[n].device.memory_bytes * c for n, c in group) * USABLE_MEMORY_FRACTION
+        return usable >= self.model.weight_bytes
+
+    def _solve(self, group: Group) -> ReplicaLayout | None:
+        """Both directions of the node chain (which end holds the embedding, which the LM head) times
+        every combination of per-node TP splits."""
+        chain = self._ordered_nodes([n for n, _ in group])
+        orders = [chain, chain[::-1]] if len(chain) > 1 else [chain]
+        counts = dict(group)
+        if self.is_symmetric:
+            return self._best_of([c for nodes in orders for c in self._symmetric_choices(nodes, counts)])
+        options = {n: self._tp_splits(counts[n]) for n in chain}
+        while math.prod(len(o) for o in options.values()) > MAX_TP_CHOICES:  # keep the largest-TP options
+            widest = max(chain, key=lambda n: len(options[n]))
+            options[widest] = options[widest][:-1]
+        choices = [
+            [(node, tp) for node, split in zip(nodes, combo) for tp in split]
+            for nodes in orders
+            for combo in itertools.product(*(options[n] for n in nodes))
+        ]
+        return self._best_of(choices)
+
+    def _best_of(self, choices: list[list[tuple[int, int]]]) -> ReplicaLayout | None:
+        """Branch and bound: choices in order of a lower bound on their round time, each laid out by
+        the DP until the bound exceeds the best found. Ties (to the nanosecond, below float noise) go
+        to fewer stages, then to the first listed."""
+        for reserve in (self.engine.max_num_seqs, 1):  # KV room for a full batch; else for one request
+            terms = [self._stage_terms(stages, reserve * self.max_total_len) for stages in choices]
+            order = sorted(range(len(choices)), key=lambda i: terms[i].lower_bound)
+            best, best_key = None, None
+            for i in order:
+                if best is not None and terms[i].lower_bound > best.round_seconds + 1e-9:
+                    break
+                layout = self._layout(choices[i], terms[i])
+                if layout is not None:
+                    key = (round(layout.round_seconds, 9), len(layout.stages), i)
+                    if best_key is None or key < best_key:
+                        best, best_key = layout, key
+            if best is not None:
+                return best
+        return None
+
+    def _symmetric_choices(self, nodes: list[int], counts: dict[int, int]) -> list[list[tuple[int, int]]]:
+        """Every stage with the same TP degree (and, in _layout, the same layer count)."""
+        choices = []
+        for tp in self.model.valid_tp_degrees():
+            if all(counts[n] % tp == 0 for n in nodes):
+                choices.append([(n, tp) for n in nodes for _ in range(counts[n] // tp)])
+        return choices
+
+    def _tp_splits(self, count: int) -> list[tuple[int, ...]]:
+        """Ways to split a node's devices into TP groups: k groups of one degree t (largest t first),
+        the remainder split greedily into the largest valid degrees."""
+        degrees = sorted(self.model.valid_tp_degrees(), reverse=True)
+        splits = []
+        for tp in degrees:
+            if tp > count:
+                continue
+            split, rest = [tp] * (count // tp), count % tp
+            for d in degrees:
+                while rest >= d:
+                    split.append(d)
+                    rest -= d
+            if tuple(split) not in splits:
+                splits.append(tuple(split))
+        return splits
+
+    def _ordered_nodes(self, nodes: list[int]) -> list[int]:
+        """Nodes grouped by site, sites chained to minimise the latency of consecutive crossings."""
+        by_site: dict[str, list[int]] = {}
+        for n in sorted(nodes):
+            by_site.setdefault(self.cluster.nodes[n].site, []).append(n)
+        sites = list(by_site)
+
+        def chain_cost(order) -> float:
+            return sum(self.cluster.link(by_site[a][0], by_site[b][0]).latency_ms for a, b in zip(order, order[1:]))
+
+        if len(sites) <= 6:
+            sites = list(min(itertools.permutations(sites), key=chain_cost))
+        return [n for site in sites for n in by_site[site]]
+
+    def _stage_terms(self, stages: list[tuple[int, int]], reserve_tokens: int) -> "_StageTerms":
+        """Per stage: reference step time per layer and fixed, layer cap; the links; a lower bound."""
+        num_stages = len(stages)
+        micro = ReferenceStep.of(
+            self.engine.max_num_seqs / (self.engine.num_micro_batches or num_stages), self.prompt_len, self.output_len
+        )
+        per_layer, fixed, caps, sends = [], [], [], []
+        for j, (node, tp) in enumerate(stages):
+            cost = StageCost(self.model, self.cluster.nodes[node].device, tp, self.cluster.intra_node, j == 0, j == num_stages - 1)
+            per_layer.append(cost.layer_time(micro.num_tokens, micro.attended_pairs, micro.kv_read_tokens))
+            fixed.append(cost.fixed_time(micro.num_sampled))
+            caps.append(self._max_layers(cost, reserve_tokens))
+            if j + 1 < num_stages:
+                sends.append(activation_send_time(self.model, micro.num_tokens, self.cluster.link(node, stages[j + 1][0])))
+        return_time = self.cluster.link(stages[-1][0], stages[0][0]).latency_s if num_stages > 1 else 0.0
+        # relaxing layer counts to reals >= -inf, the best bottleneck T levels every stage:
+        # sum_j (T - fixed_j) / per_layer_j = L; and a round takes at least S * T
+        inverse = sum(1 / a for a in per_layer)
+        level = (self.model.num_layers + sum(b / a for a, b in zip(per_layer, fixed))) / inverse
+        return _StageTerms(np.array(per_layer), np.array(fixed), np.array(caps), sends, return_time, num_stages * level)
+
+    def _layout(self, stages: list[tuple[int, int]], terms: "_StageTerms") -> ReplicaLayout | None:
+        num_stages, num_layers = len(stages), self.model.num_layers
+        if num_stages > num_layers:
+            return None
+        if self.is_symmetric:
+            if num_layers % num_stages or min(terms.caps) < num_layers // num_stages:
+                return None
+            layers = [num_layers // num_stages] * num_stages
+        else:
+            layers = allocate_layers(terms.per_layer, terms.fixed, terms.caps, num_layers)
+            if layers is None:
+                return None
+        times = [l * a + b for l, a, b in zip(layers, terms.per_layer, terms.fixed)]
+        total = round_time(times, terms.sends, terms.return_time)
+        return ReplicaLayout(tuple(StageLayout(n, t, l) for (n, t), l in zip(stages, layers)), float(total))
+
+    def _max_layers(self, cost: StageCost, reserve_tokens: int) -> int:
+        """Most layers the stage holds with KV room for `reserve_tokens` tokens (memory is linear in layers)."""
+        m, e, tp = self.model, self.engine, cost.tp
+        free = (
+            cost.device.memory_bytes * USABLE_MEMORY_FRACTION
+            - weight_bytes_per_device(m, tp, 0, cost.is_first, cost.is_last)
+            - workspace_bytes_per_device(m, tp, e.max_num_batched_tokens, e.max_num_seqs, cost.is_last)
+        )
+        per_layer = m.layer_bytes / tp + kv_bytes_per_token_per_device(m, tp, 1) * reserve_tokens
+        return max(0, int(free // per_layer))
+
+
+@dataclass(frozen=True)
+class _StageTerms:
+    per_layer: np.ndarray  # seconds per layer of the reference micro-batch step
+    fixed: np.ndarray  # seconds per step independent of layers
+    caps: np.ndarray  # most layers each stage holds
+    sends: list[float]
+    return_time: float
+    lower_bound: float  # on the round time of any layer allocation
+
+
+@lru_cache(maxsize=8)
+def _shift_index(num_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    x = np.arange(num_layers + 1)
+    prev = x[:, None] - x[None, :]  # prev[x, l] = x - l: layers on the earlier stages
+    return prev, prev >= 0
+
+
+def allocate_layers(per_layer: np.ndarray, fixed: np.ndarray, caps: np.ndarray, num_layers: int) -> list[int] | None:
+    """Min-max DP: best[j][x] = min over l of max(best[j-1][x-l], l*per_layer[j] + fixed[j]), with
+    1 <= l <= caps[j]; returns the layer counts reaching x = num_layers, or None when they cannot fit."""
+    prev_index, valid = _shift_index(num_layers)
+    l = np.arange(num_layers + 1)
+    best = np.full(num_layers + 1, np.inf)
+    best[0] = 0.0
+    picks = []
+    for a, b, cap in zip(per_layer, fixed, caps):
+        stage_cost = np.where((l >= 1) & (l <= cap), l * a + b, np.inf)
+        candidates = np.maximum(np.where(valid, best[np.clip(prev_index, 0, None)], np.inf), stage_cost[None, :])
+        pick = candidates.argmin(axis=1)
+        best = candidates[np.arange(num_layers + 1), pick]
+        picks.append(pick)
+    if not np.isfinite(best[num_layers]):
+        return None
+    layers, x = [], num_layers
+    for pick in reversed(picks):
+        layers.append(int(pick[x]))
+        x -= layers[-1]
+    return layers[::-1]

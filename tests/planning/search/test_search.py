@@ -1,0 +1,89 @@
+"""The DP + genetic search against exhaustive enumeration, reproducibility, the paper's case study."""
+
+import pytest
+
+from hexcore.config import parse_config
+from planning.inputs.cluster import ClusterSpec, build_cluster
+from planning.simulate.evaluate import evaluate_deployment
+from planning.search.genetic import SearchParams, exhaustive, one_replica, search
+from planning.inputs.models import load_model
+from planning.search.partitions import all_partitions
+from planning.inputs.workload import WorkloadSpec
+
+LLAMA70 = load_model("llama-2-70b")
+
+
+def cluster(*nodes, **links):
+    return build_cluster(ClusterSpec.model_validate({
+        "nodes": [{"name": n, "site": s, "gpu": g, "count": c} for n, s, g, c in nodes], "links": links,
+    }))
+
+
+SMALL_POOLS = [  # (pool, model, workload): up to 6 devices, mixed types, sites and links
+    (cluster(("t4", "x", "T4", 4), ("a4000", "x", "A4000", 2)), "llama-2-7b",
+     WorkloadSpec(rate=6, prompt_len=128, output_len=32, slo_seconds=0.55, num_requests=40)),
+    (cluster(("a100", "x", "A100-40G", 2), ("v100", "y", "V100", 2), ("t4", "y", "T4", 2)), "llama-2-13b",
+     WorkloadSpec(rate=4, trace=[[64, 32], [128, 64]], slo_seconds=0.9, num_requests=40)),
+    (cluster(("a", "x", "RTX3090Ti", 3), ("b", "y", "A5000", 3),
+             inter_site={"bandwidth_gbps": 0.5, "latency_ms": 40}), "llama-2-13b",
+     WorkloadSpec(rate=3, prompt_len=64, output_len=64, slo_seconds=1.2, num_requests=40)),
+    (cluster(("a", "x", "T4", 2), ("b", "x", "T4", 2), ("c", "y", "A4000", 2)), "llama-3-8b",
+     WorkloadSpec(rate=8, prompt_len=32, output_len=32, slo_seconds=0.6, num_requests=40)),
+]
+
+
+@pytest.mark.parametrize("pool, model_name, workload", SMALL_POOLS)
+def test_genetic_search_finds_the_exhaustive_best(pool, model_name, workload):
+    model = load_model(model_name)
+    best = exhaustive(pool, model, workload)
+    found = search(pool, model, workload, SearchParams(seed=1))
+    assert found.fitness == best.fitness
+    assert found.predicted == best.predicted
+    assert 0 < best.fitness[0] < 1  # the deadline is tight enough for attainment to decide
+
+
+def test_search_is_reproducible_for_a_seed():
+    pool, model_name, workload = SMALL_POOLS[1]
+    model = load_model(model_name)
+    params = SearchParams(seed=7, population=8, generations=3, patience=3)
+    first, again = search(pool, model, workload, params), search(pool, model, workload, params)
+    assert (first.plan, first.fitness, first.num_evaluated) == (again.plan, again.fitness, again.num_evaluated)
+
+
+def test_every_grouping_of_a_small_pool_is_enumerated():
+    pool = cluster(("a", "x", "T4", 2), ("b", "x", "A4000", 1))
+    # {aab}, {aa}{b}, {ab}{a}, {a}{a}{b}: devices of one node are interchangeable
+    assert len(all_partitions(pool)) == 4
+
+
+def test_infeasible_pool_says_why():
+    pool = cluster(("t4", "x", "T4", 4))
+    workload = WorkloadSpec(rate=1, prompt_len=16, output_len=16, slo_seconds=10, num_requests=5)
+    with pytest.raises(ValueError, match=r"infeasible pool: llama-2-70b needs 138.0 GB .* only 57.6 GB"):
+        search(pool, LLAMA70, workload, SearchParams(generations=2))
+
+
+CASE_STUDY = cluster(("a6000", "lab", "A6000", 4), ("a5000", "lab", "A5000", 2), ("a4000", "lab", "A4000", 2))
+CASE_WORKLOAD = WorkloadSpec(rate=0.5, prompt_len=128, output_len=64, slo_seconds=20, num_requests=20)
+
+
+def test_case_study_asymmetric_plan_fits_with_fewest_layers_on_the_a4000s():
+    result = one_replica(CASE_STUDY, LLAMA70, CASE_WORKLOAD)
+    (replica,) = result.plan.replicas
+    stages = {CASE_STUDY.nodes[stage.devices[0][0]].gpu: (stage.tp, stage.layers) for stage in replica.stages}
+    assert {gpu: tp for gpu, (tp, _) in stages.items()} == {"A6000": 4, "A5000": 2, "A4000": 2}  # asymmetric TP
+    layers = {gpu: n for gpu, (_, n) in stages.items()}
+    assert sum(layers.values()) == 80 and layers["A4000"] < layers["A5000"] < layers["A6000"]
+    assert result.predicted.slo_attainment == 1.0
+
+
+def test_case_study_symmetric_layouts_are_infeasible():
+    with pytest.raises(ValueError, match="no symmetric layout"):
+        one_replica(CASE_STUDY, LLAMA70, CASE_WORKLOAD, is_symmetric=True)
+    every = [f"a6000/cuda:{i}" for i in range(4)] + ["a5000/cuda:0", "a5000/cuda:1", "a4000/cuda:0", "a4000/cuda:1"]
+    tp_only = [{"devices": every, "layers": 80}]
+    pp_only = [{"devices": [device], "layers": 10} for device in every]
+    for stages in (tp_only, pp_only):
+        config = parse_config({"dtype": "float16", "replicas": [{"stages": stages}]})
+        with pytest.raises(ValueError, match=r"does not fit in memory: .*\(A4000\)"):
+            evaluate_deployment(CASE_STUDY, LLAMA70, config, CASE_WORKLOAD)
