@@ -64,6 +64,7 @@ class AsyncEngine:
         self.config = config
         self.model_name = config.served_model_name or default_model_name(config.model)
         self.max_model_len: int = 0
+        self.vocab_size: int = 0
         self.tokenizer = None
         self.deployment = None
         self._core: EngineCore | None = None
@@ -94,6 +95,7 @@ class AsyncEngine:
         self.deployment = resolve(self.config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.deployment.model_dir)
         self.max_model_len = self.deployment.max_model_len
+        self.vocab_size = self.deployment.dims.vocab_size
         self.model_name = self.deployment.model_name
         core = EngineCore(self.deployment, self.tokenizer)
         core.start()

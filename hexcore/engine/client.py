@@ -47,6 +47,7 @@ class EngineStats:
 class EngineClient(Protocol):
     model_name: str  # served model name
     max_model_len: int
+    vocab_size: int  # token ids are in [0, vocab_size): the model's embedding rows
     tokenizer: object  # a transformers PreTrainedTokenizerBase
 
     @property

@@ -26,6 +26,7 @@ class FakeEngine:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.vocab_size = len(tokenizer)
         self.token_delay = token_delay
         self.first_token_delay = first_token_delay  # as if queued behind other requests
         self.max_num_requests = max_num_requests
