@@ -1,8 +1,9 @@
 """C++ loops for CPU workers, compiled for the host CPU the first time a process asks for them.
 
-torch's C++ extension loader (a C++ compiler and ninja) builds each source once per machine into
-torch's extension cache; later calls and processes load that build. Where it cannot be built (no
-compiler), `module()` logs why once and returns None, and the caller keeps its torch path.
+The sources are the .cpp files in csrc/ (package data: they ship with the package). torch's C++
+extension loader (a C++ compiler and ninja) builds each source once per machine into torch's
+extension cache; later calls and processes load that build. Where it cannot be built (no compiler),
+`module()` logs why once and returns None, and the caller keeps its torch path.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 # compile flag only: the link step does not get it, so the process's float environment is untouched.
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 
+SOURCE_DIR = Path(__file__).parent / "csrc"
+
 
 def _cpu_flags() -> str:
     flags = platform.machine()
@@ -34,20 +37,32 @@ def _cpu_flags() -> str:
 
 
 class CppExtension:
-    """One C++ source and the functions it exports, built on first use."""
+    """One C++ source file (a name in csrc/) and the functions it exports, built on first use."""
 
-    def __init__(self, prefix: str, source: str, functions: list[str], description: str):
-        self.prefix, self.source, self.functions, self.description = prefix, source, functions, description
+    def __init__(self, prefix: str, source_file: str, functions: list[str], description: str):
+        self.prefix, self.source_file, self.functions, self.description = prefix, source_file, functions, description
         self._lock = threading.Lock()
         self._module = None
         self._is_loaded = False
 
     @property
+    def source_path(self) -> Path:
+        return SOURCE_DIR / self.source_file
+
+    @property
+    def source(self) -> str:
+        """The C++ text, read from its file on each call (the build reads it once)."""
+        return self.source_path.read_text(encoding="utf-8")
+
+    @property
     def build_name(self) -> str:
+        return self._build_name(self.source)
+
+    def _build_name(self, source: str) -> str:
         """The build is tuned to this CPU (-march=native): its name carries the CPU's feature flags (and
-        the flags and source), so a cache shared by machines of different CPUs never hands one the
-        other's build."""
-        key = _cpu_flags() + " ".join(_CFLAGS) + self.source
+        the flags and the source text, so an edited source builds anew), so a cache shared by machines
+        of different CPUs never hands one the other's build."""
+        key = _cpu_flags() + " ".join(_CFLAGS) + source
         return f"{self.prefix}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
     def module(self):
@@ -73,11 +88,12 @@ class CppExtension:
 
         if shutil.which("ninja") is None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        name = self.build_name
+        source = self.source  # a missing file raises here: logged, and the torch path serves
+        name = self._build_name(source)
         build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
         build_dir.mkdir(parents=True, exist_ok=True)
         with open(build_dir.parent / f"{name}.flock", "w") as turn:
             fcntl.flock(turn, fcntl.LOCK_EX)
             (build_dir / "lock").unlink(missing_ok=True)
-            return load_inline(name=name, cpp_sources=self.source, functions=self.functions,
+            return load_inline(name=name, cpp_sources=source, functions=self.functions,
                                extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build_dir))

@@ -91,7 +91,7 @@ def test_without_a_compiler_the_torch_path_serves(monkeypatch):
         raise OSError("no C++ compiler")
 
     extension = decode_kernel_module._EXTENSION
-    unbuildable = CppExtension(extension.prefix, extension.source, extension.functions, extension.description)
+    unbuildable = CppExtension(extension.prefix, extension.source_file, extension.functions, extension.description)
     monkeypatch.setattr(unbuildable, "_build", no_compiler)
     monkeypatch.setattr(decode_kernel_module, "_EXTENSION", unbuildable)
     assert decode_attention_kernel(torch.device("cpu"), torch.float32) is None
