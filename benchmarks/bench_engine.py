@@ -3,7 +3,7 @@
 N concurrent requests of P prompt tokens and O output tokens (greedy, ignore_eos) on SmolLM2-135M:
 
   engine-tp1          one stage, all layers, 2 threads
-  engine-pp2          two single-thread stages (17 + 13 layers: HEAD_COST_IN_LAYERS; 15 + 15 with --share-lm-head),
+  engine-pp2          two single-thread stages (17 + 13 layers: HEAD_COST_IN_LAYERS),
                       micro-batched (2 in flight)
   engine-pp2-serial   the same two stages with one micro-batch (no overlap)
   hf-batch            transformers generate on all N prompts as one padded batch, 2 torch threads
@@ -72,28 +72,25 @@ def make_prompts(num_prompts: int, prompt_len: int, vocab_size: int, seed: int) 
 
 
 # What the last stage's final norm and tied 49152x576 LM head cost, in decoder layers of time, over a
-# whole run (one thread per stage, 16-sequence micro-batches): about 6 layers in a decode step, about
-# none in a prefill chunk (a few rows). From the workers' own busy time: 17 + 13 layers computed 81.2
-# and 81.4 ms per micro-step on 2026-11-24 09:35 UTC (oneDNN linear layers), 61.7 and 61.6 at 14:07
-# (the packed-panel loop, where the head takes ~13 ms of a decode micro-step and a layer ~2.3 ms).
+# whole run (one thread per stage, 16-sequence micro-batches): several layers in a decode step, about
+# none in a prefill chunk (a few rows); 17 + 13 layers balance the stages' busy time over a run
+# (figures: BENCHMARKS.md, Engine throughput).
 HEAD_COST_IN_LAYERS = 4
 
 
-def balanced_first_stage_layers(num_layers: int, is_lm_head_shared: bool) -> int:
-    """Layers of the first of two stages so that both take as long: the last stage also runs the head,
-    unless both ends share it."""
-    return (num_layers + (0 if is_lm_head_shared else HEAD_COST_IN_LAYERS) + 1) // 2
+def balanced_first_stage_layers(num_layers: int) -> int:
+    """Layers of the first of two stages so that both take as long: the last stage also runs the head."""
+    return (num_layers + HEAD_COST_IN_LAYERS + 1) // 2
 
 
 def engine_config(stages: list[tuple[int, int]], threads: int, num_micro_batches: int | None, num_blocks: int,
-                  max_model_len: int, max_num_batched_tokens: int, share_lm_head: bool = False) -> dict:
+                  max_model_len: int, max_num_batched_tokens: int) -> dict:
     """stages: (TP degree, layers) per stage of one replica."""
     return {"model": "default", "max_model_len": max_model_len,
             "replicas": [{"name": "r0", "stages": [{"devices": ["cpu"] * tp, "layers": n} for tp, n in stages]}],
             "engine": {"num_threads_per_worker": threads, "num_micro_batches": num_micro_batches,
                        "num_kv_blocks": num_blocks, "max_num_seqs": 64,
-                       "max_num_batched_tokens": max_num_batched_tokens, "enable_prefix_caching": False,
-                       "share_lm_head": share_lm_head}}
+                       "max_num_batched_tokens": max_num_batched_tokens, "enable_prefix_caching": False}}
 
 
 def _fresh_worker_stats(llm: LLM) -> dict[int, tuple[float, int]]:
@@ -183,9 +180,7 @@ def main() -> None:
                         help="HF sequential runs only this many prompts; its tokens/s is per-request throughput")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="the engine's token budget per step")
     parser.add_argument("--pp-first-stage-layers", type=int, default=None,
-                        help="layers of the first PP2 stage (default: balanced for where the LM head runs, 17 or 15 with --share-lm-head)")
-    parser.add_argument("--share-lm-head", action="store_true",
-                        help="pp2 shares the LM head between its stages (engine.share_lm_head), 15 + 15 layers")
+                        help="layers of the first PP2 stage (default: balanced for the LM head on the last stage, 17)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these configurations (engine-tp1 engine-pp2 engine-pp2-serial hf)")
     parser.add_argument("--rounds", type=int, default=3,
@@ -203,12 +198,12 @@ def main() -> None:
     max_model_len = args.prompt_len + args.output_len
     block_size = 16
     num_blocks = args.num_requests * -(-max_model_len // block_size) + 8  # every request fits: no preemption
-    first = args.pp_first_stage_layers or balanced_first_stage_layers(num_layers, args.share_lm_head)
+    first = args.pp_first_stage_layers or balanced_first_stage_layers(num_layers)
     warm_up_prompts = make_prompts(2, 16, vocab_size, args.seed + 1)
     tp1_config = engine_config([(1, num_layers)], NUM_THREADS, None, num_blocks, max_model_len,
                                args.max_num_batched_tokens)
     pp2_config = engine_config([(1, first), (1, num_layers - first)], 1, 2, num_blocks, max_model_len,
-                               args.max_num_batched_tokens, args.share_lm_head)
+                               args.max_num_batched_tokens)
     pp2_modes = {"engine-pp2": 2, "engine-pp2-serial": 1}  # name: micro-batches in flight
     selected = set(args.only) if args.only else {"engine-tp1", *pp2_modes, "hf"}
 

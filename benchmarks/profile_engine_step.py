@@ -21,14 +21,11 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hexcore.model.kv_cache import allocate_kv_cache
-from hexcore.model.llama import LlamaDims, RopeSpec, load_stage
-from hexcore.executor.messages import SeqSampling, StageLayout, StepBatch
+from hexcore.executor.messages import SeqSampling, StepBatch
 from hexcore.model.files import resolve_model_dir
-from hexcore.model.parallel import SINGLE
+from hexcore.model.llama import LlamaDims, read_model_config
 from hexcore.sampling_params import SamplingParams
-from hexcore.worker.stage_runner import StageRunner
-from hexcore.model.weights import Checkpoint
+from hexcore.worker.stage_runner import StageRunner, single_rank_runner
 
 BLOCK_SIZE = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
@@ -80,8 +77,8 @@ def _label_compiled_loops(runner: StageRunner) -> None:
     for module in runner.model.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)):
             module.matmul = labelled("hexcore::linear", module.matmul)  # whichever kernel it chose
-    if runner._decode_kernel is not None:
-        runner._decode_kernel = labelled("hexcore::paged_decode_attention", runner._decode_kernel)
+    if runner.decode_kernel is not None:
+        runner.decode_kernel = labelled("hexcore::paged_decode_attention", runner.decode_kernel)
     modules = [m for m in runner.model.modules() if isinstance(m, (RMSNorm, LlamaMLP)) and m.kernels is not None]
     if modules:
         kernels = modules[0].kernels
@@ -92,33 +89,19 @@ def _label_compiled_loops(runner: StageRunner) -> None:
 
 
 def build_runner(num_blocks: int, max_model_len: int) -> tuple[StageRunner, LlamaDims]:
-    from transformers import AutoConfig
-
     model_dir = resolve_model_dir("default")
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    dims, rope = LlamaDims.from_hf(hf_config), RopeSpec.from_hf(hf_config)
-    checkpoint = Checkpoint(model_dir, torch.float32, torch.device("cpu"))
-    model = load_stage(checkpoint, dims, rope, 0, dims.num_layers, SINGLE, max_model_len)
-    checkpoint.close()
-    kv_caches = allocate_kv_cache(dims.num_layers, num_blocks, BLOCK_SIZE, dims.num_kv_heads, dims.head_dim,
-                                  torch.float32, torch.device("cpu"))
-    stages = (StageLayout(0, dims.num_layers, (0,)),)
-    runner = StageRunner(model, kv_caches, SINGLE, 0, 0, stages, BLOCK_SIZE, torch.device("cpu"))
+    dims, _rope = read_model_config(model_dir)
+    runner = single_rank_runner(model_dir, dims.num_layers, "float32", num_blocks, BLOCK_SIZE, max_model_len)
     _label_compiled_loops(runner)
     return runner, dims
 
 
-def step_batch(num_seqs: int, query_len: int, context_len: int, blocks_per_seq: int, vocab: int) -> StepBatch:
-    """Sequence i owns blocks [i * blocks_per_seq, (i + 1) * blocks_per_seq); its last query_len tokens are new."""
+def step_batch(num_seqs: int, query_len: int, context_len: int, vocab: int) -> StepBatch:
+    """num_seqs sequences of random tokens, each at context_len of which its last query_len are new."""
     generator = torch.Generator().manual_seed(0)
-    tables = [list(range(i * blocks_per_seq, i * blocks_per_seq + -(-context_len // BLOCK_SIZE)))
-              for i in range(num_seqs)]
-    positions = [p for _ in range(num_seqs) for p in range(context_len - query_len, context_len)]
-    return StepBatch(step_id=0, token_ids=torch.randint(100, vocab, (len(positions),), generator=generator).tolist(),
-                     positions=positions, query_lens=[query_len] * num_seqs, context_lens=[context_len] * num_seqs,
-                     block_tables=tables,
-                     sampling=[SeqSampling(GREEDY, seed=i, num_generated=context_len) for i in range(num_seqs)],
-                     prompt_scoring=[None] * num_seqs)
+    token_ids = torch.randint(100, vocab, (num_seqs * query_len,), generator=generator).tolist()
+    sampling = [SeqSampling(GREEDY, seed=i, num_generated=context_len) for i in range(num_seqs)]
+    return StepBatch.uniform(query_len, context_len, BLOCK_SIZE, sampling, token_ids=token_ids)
 
 
 def time_runs(fn, repeats: int) -> float:
@@ -194,11 +177,11 @@ def main() -> None:
     print(f"SmolLM2-135M, {dims.num_layers} layers on one rank, {args.threads} threads, block size {BLOCK_SIZE}")
     for batch_size in args.batch:
         print(f"\ndecode step: {batch_size} sequences x 1 token at context {args.context}")
-        batch = step_batch(batch_size, 1, args.context, blocks_per_seq, dims.vocab_size)
+        batch = step_batch(batch_size, 1, args.context, dims.vocab_size)
         breakdown(runner, batch, args.repeats)
         driver_costs(batch, 20)
     print(f"\nprefill step: {args.prefill_tokens // 128} sequences x 128 prompt tokens")
-    breakdown(runner, step_batch(args.prefill_tokens // 128, 128, 128, blocks_per_seq, dims.vocab_size),
+    breakdown(runner, step_batch(args.prefill_tokens // 128, 128, 128, dims.vocab_size),
               max(1, args.repeats // 2))
 
 

@@ -125,10 +125,6 @@ class EngineSpec(_Spec):
     num_micro_batches: int | None = Field(default=None, ge=1)  # default: the replica's number of stages
     num_threads_per_worker: int | None = Field(default=None, ge=1)  # default: local cores / local workers
     enable_prefix_caching: bool = True
-    # With 2+ stages: every other step is scored and sampled on the first stage, which then also holds
-    # the LM head. The head's cost (decode-heavy, ~0 in prefill) is shared by both ends of the
-    # pipeline, so stages of equal layers are balanced in prefill and in decode alike.
-    share_lm_head: bool = False
 
 
 class DeploymentConfig(_Spec):

@@ -35,8 +35,6 @@ class ReplicaStats:
     num_steps: int
     mean_step_seconds: float
     stage_busy_fraction: list[float] = field(default_factory=list)  # per stage: busy time / wall time
-    ttft_seconds: list[float] = field(default_factory=list)  # recent finished requests: time to first token
-    tpot_seconds: list[float] = field(default_factory=list)  # recent finished requests: time per output token
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,6 @@ class _Request:
     choices: list[_Choice]
     prompt_logprobs: list[TokenLogprob | None] | None = None
     is_prompt_logprobs_sent: bool = False
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -68,6 +66,15 @@ class EngineCore:
         self._next_seq_id = 0
         self._stats_requested_at = 0.0
         self._conn_owner: dict[Connection, Replica] = {}
+
+    @classmethod
+    def launch(cls, deployment: ResolvedDeployment) -> "EngineCore":
+        """The one way an engine comes up: load the tokenizer, start every replica's workers."""
+        from transformers import AutoTokenizer
+
+        core = cls(deployment, AutoTokenizer.from_pretrained(deployment.model_dir))
+        core.start()
+        return core
 
     # lifecycle
     def start(self) -> None:
@@ -93,11 +100,10 @@ class EngineCore:
             raise ValueError(f"request id {request_id!r} is already in use")
         max_tokens = self._check_request(prompt_token_ids, params)
         base_seed = params.seed if params.seed is not None else random.getrandbits(62)
-        now = time.monotonic()
         seqs = []
         for index in range(params.n):
             seqs.append(Sequence(self._next_seq_id, request_id, index, list(prompt_token_ids), params,
-                                 seed=base_seed + index, max_tokens=max_tokens, arrival_time=now))
+                                 seed=base_seed + index, max_tokens=max_tokens))
             self._next_seq_id += 1
         replica = self.router.choose(seqs)
         detokenizers = [IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
@@ -171,8 +177,6 @@ class EngineCore:
         params, choice = seq.params, request.choices[seq.index]
         token_id = result.token.token_id
         seq.output_token_ids.append(token_id)
-        if request.first_token_time is None:
-            request.first_token_time = time.monotonic()
         choice.token_ids.append(token_id)
         choice.is_dirty = True
         if params.logprobs is not None:
@@ -189,15 +193,6 @@ class EngineCore:
         if reason is not None:
             choice.finish_reason = reason
             request.replica.scheduler.finish(seq, reason)
-            if request.is_finished:
-                self._record_latency(request, seq.num_generated)
-
-    @staticmethod
-    def _record_latency(request: _Request, num_generated: int) -> None:
-        now, metrics = time.monotonic(), request.replica.metrics
-        metrics.ttft_seconds.append(request.first_token_time - request.arrival_time)
-        if num_generated > 1:
-            metrics.tpot_seconds.append((now - request.first_token_time) / (num_generated - 1))
 
     def _collect_outputs(self) -> list[RequestOutput]:
         outputs = []
@@ -258,6 +253,5 @@ class EngineCore:
                 num_kv_blocks_used=r.block_manager.num_used_blocks, num_kv_blocks_total=r.block_manager.num_blocks,
                 num_preemptions=r.scheduler.num_preemptions, num_prompt_tokens=m.num_prompt_tokens,
                 num_generated_tokens=m.num_generated_tokens, num_steps=m.num_steps,
-                mean_step_seconds=m.step_seconds / max(1, m.num_steps), stage_busy_fraction=busy,
-                ttft_seconds=list(m.ttft_seconds), tpot_seconds=list(m.tpot_seconds)))
+                mean_step_seconds=m.step_seconds / max(1, m.num_steps), stage_busy_fraction=busy))
         return EngineStats(replicas)

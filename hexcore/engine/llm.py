@@ -56,12 +56,9 @@ class GenerationResult:
 
 class LLM:
     def __init__(self, config: DeploymentConfig):
-        from transformers import AutoTokenizer
-
         self.deployment = resolve(config)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.deployment.model_dir)
-        self.core = EngineCore(self.deployment, self.tokenizer)
-        self.core.start()
+        self.core = EngineCore.launch(self.deployment)
+        self.tokenizer = self.core.tokenizer
         self._ids = itertools.count()
 
     def __enter__(self) -> "LLM":

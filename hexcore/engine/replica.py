@@ -1,23 +1,17 @@
 """One replica at run time: its scheduler, its worker processes, and the micro-batches in flight
 through its pipeline. With S stages and M micro-batches in flight, stage j works on one micro-batch
 while stage j+1 works on the one before: every worker runs the steps it is sent in order, so the
-overlap needs no more coordination than keeping M steps submitted.
-
-With a shared LM head (engine.share_lm_head, 2+ stages) every other step is scored on the first
-stage. The first stage is told to score step k (ScoreStep) only after the next step has been sent
-to it: it then computes that step's layers while the last stage finishes step k, instead of
-waiting. If no next step can be formed, it is told at once."""
+overlap needs no more coordination than keeping M steps submitted."""
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 from hexcore.engine.block_manager import BlockManager
 from hexcore.config import EngineSpec
-from hexcore.executor.deployment import ReplicaPlan
+from hexcore.executor.deployment import ResolvedReplica
 from hexcore.executor.messages import PromptScoring, SeqSampling, StepBatch, StepResult
 from hexcore.outputs import TokenLogprob
 from hexcore.sampling_params import SamplingParams
@@ -43,8 +37,6 @@ class ReplicaMetrics:
     busy_seconds: float = 0.0  # wall time with at least one step in flight
     num_prompt_tokens: int = 0  # prompt tokens computed (prefill work)
     num_generated_tokens: int = 0
-    ttft_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))  # recent finished requests
-    tpot_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))
     busy_since: float = 0.0
 
     def step_submitted(self, was_idle: bool) -> None:
@@ -67,7 +59,7 @@ class SeqResult:
 
 
 class Replica:
-    def __init__(self, plan: ReplicaPlan, engine: EngineSpec, eos_token_ids: tuple[int, ...]):
+    def __init__(self, plan: ResolvedReplica, engine: EngineSpec, eos_token_ids: tuple[int, ...]):
         self.name = plan.name
         self.plan = plan
         self.block_manager = BlockManager(plan.num_kv_blocks, engine.block_size, engine.enable_prefix_caching)
@@ -75,9 +67,7 @@ class Replica:
         self.workers = ReplicaWorkers(plan.workers)
         self.eos_token_ids = eos_token_ids
         self.num_micro_batches = plan.num_micro_batches
-        self.is_lm_head_shared = plan.workers[0].is_lm_head_shared
         self.in_flight: dict[int, InFlightStep] = {}  # by step id, in the order submitted
-        self._unscored_step: int | None = None  # scored on the first stage, which has not been told yet
         self._next_step_id = 0
         self.metrics = ReplicaMetrics()
         self.step_observers: list[Callable[[StepBatch], None]] = []  # e.g. measurement tools
@@ -88,24 +78,17 @@ class Replica:
         self.metrics = ReplicaMetrics()
 
     def _warm_up(self) -> None:
-        """One token through every stage before any request (scored at either end if the head is
-        shared), so that no request pays the workers' first-call costs (~130 ms on a CPU stage). Its
-        KV lands in block 0, which nothing holds yet and whose next owner writes every position
-        before reading it."""
+        """One token through every stage before any request, so that no request pays the workers'
+        first-call costs. Its KV lands in block 0, which nothing holds yet and whose next owner writes
+        every position before reading it."""
         greedy = SeqSampling(SamplingParams(temperature=0.0, max_tokens=1), seed=0, num_generated=0)
-        for _ in range(2 if self.is_lm_head_shared else 1):
-            step_id, is_scored_on_first_stage = self._take_step_id()
-            self.workers.submit(StepBatch(step_id=step_id, token_ids=[0], positions=[0], query_lens=[1],
-                                          context_lens=[1], block_tables=[[0]], sampling=[greedy], prompt_scoring=[None],
-                                          is_scored_on_first_stage=is_scored_on_first_stage))
-            if is_scored_on_first_stage:
-                self.workers.score_on_first_stage(step_id)
-            self.workers.wait_for_result(step_id)
+        step_id = self._take_step_id()
+        self.workers.submit(StepBatch.uniform(1, 1, self.block_manager.block_size, [greedy], step_id=step_id))
+        self.workers.wait_for_result(step_id)
 
-    def _take_step_id(self) -> tuple[int, bool]:
-        """The next step's id, and whether the first stage scores it (every other step, with a shared head)."""
+    def _take_step_id(self) -> int:
         step_id, self._next_step_id = self._next_step_id, self._next_step_id + 1
-        return step_id, self.is_lm_head_shared and step_id % 2 == 1
+        return step_id
 
     @property
     def has_work(self) -> bool:
@@ -125,19 +108,9 @@ class Replica:
                 observe(batch)
             self.metrics.step_submitted(was_idle=not self.in_flight)
             self.in_flight[batch.step_id] = InFlightStep(batch, scheduled, time.monotonic())
-            self._tell_first_stage_to_score()
-            if batch.is_scored_on_first_stage:
-                self._unscored_step = batch.step_id
-        if len(self.in_flight) == 1:  # nothing else will come back before it: no next step to wait for
-            self._tell_first_stage_to_score()
-
-    def _tell_first_stage_to_score(self) -> None:
-        if self._unscored_step is not None:
-            self.workers.score_on_first_stage(self._unscored_step)
-            self._unscored_step = None
 
     def complete(self, result: StepResult) -> list[SeqResult]:
-        step = self.in_flight.pop(result.step_id)  # either end of the pipeline may report it
+        step = self.in_flight.pop(result.step_id)
         self.metrics.step_completed(step.submitted_at, is_idle=not self.in_flight)
         results = []
         for item, token, prompt_logprobs in zip(step.scheduled, result.tokens, result.prompt_logprobs):
@@ -161,13 +134,11 @@ class Replica:
             positions.extend(range(item.start, item.end))
             sampling.append(self._sampling(item.seq) if item.completes_known_tokens else None)
             scoring.append(self._prompt_scoring(item))
-        step_id, is_scored_on_first_stage = self._take_step_id()
-        return StepBatch(step_id=step_id, token_ids=token_ids, positions=positions,
+        return StepBatch(step_id=self._take_step_id(), token_ids=token_ids, positions=positions,
                          query_lens=[item.num_new_tokens for item in scheduled],
                          context_lens=[item.end for item in scheduled],
                          block_tables=[list(item.seq.block_table) for item in scheduled],
-                         sampling=sampling, prompt_scoring=scoring,
-                         is_scored_on_first_stage=is_scored_on_first_stage)
+                         sampling=sampling, prompt_scoring=scoring)
 
     def _sampling(self, seq: Sequence) -> SeqSampling:
         params = seq.params

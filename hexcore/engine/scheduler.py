@@ -105,7 +105,6 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._unadmit(seq)
         seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.running.remove(seq)
         self.waiting.appendleft(seq)

@@ -24,7 +24,6 @@ class Sequence:
     params: SamplingParams
     seed: int
     max_tokens: int  # params.max_tokens, or what fits in max_model_len
-    arrival_time: float
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache hashes of its first full blocks
@@ -33,7 +32,6 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     is_in_flight: bool = False  # part of a step whose result has not come back
-    num_preemptions: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -3,20 +3,20 @@ against it, size the KV cache and the threads, assign world ranks."""
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from hexcore.config import DeploymentConfig, Device, ReplicaSpec, check_against_model
 from hexcore.hardware import default_num_threads, distributed_backend, kv_cache_budget_bytes
 from hexcore.model.kv_cache import bytes_per_block
-from hexcore.model.llama import LlamaDims, RopeSpec
-from hexcore.executor.messages import StageLayout, WorkerSpec
+from hexcore.executor.ports import free_port
+from hexcore.executor.specs import PipelineStage, WorkerSpec
+from hexcore.model.llama import LlamaDims, read_model_config
 from hexcore.model.files import default_model_name, resolve_model_dir
 
 
 @dataclass(frozen=True)
-class ReplicaPlan:
+class ResolvedReplica:
     name: str
     spec: ReplicaSpec
     workers: list[WorkerSpec]
@@ -31,7 +31,7 @@ class ResolvedDeployment:
     model_name: str
     dims: LlamaDims
     max_model_len: int
-    replicas: list[ReplicaPlan]
+    replicas: list[ResolvedReplica]
 
     def describe(self) -> str:
         lines = [f"model {self.model_name} ({self.model_dir}), {self.dims.num_layers} layers, "
@@ -43,19 +43,13 @@ class ResolvedDeployment:
         return "\n".join(lines)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _layouts(spec: ReplicaSpec) -> tuple[StageLayout, ...]:
-    layouts, first_layer, rank = [], 0, 0
+def _pipeline(spec: ReplicaSpec) -> tuple[PipelineStage, ...]:
+    stages, first_layer, rank = [], 0, 0
     for stage in spec.stages:
-        layouts.append(StageLayout(first_layer, stage.layers, tuple(range(rank, rank + stage.tp))))
+        stages.append(PipelineStage(first_layer, stage.layers, tuple(range(rank, rank + stage.tp))))
         first_layer += stage.layers
         rank += stage.tp
-    return tuple(layouts)
+    return tuple(stages)
 
 
 def _num_kv_blocks(config: DeploymentConfig, spec: ReplicaSpec, dims: LlamaDims, max_model_len: int,
@@ -74,11 +68,8 @@ def _num_kv_blocks(config: DeploymentConfig, spec: ReplicaSpec, dims: LlamaDims,
 
 
 def resolve(config: DeploymentConfig) -> ResolvedDeployment:
-    from transformers import AutoConfig
-
     model_dir = resolve_model_dir(config.model)
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    dims, rope = LlamaDims.from_hf(hf_config), RopeSpec.from_hf(hf_config)
+    dims, _rope = read_model_config(model_dir)
     check_against_model(config, dims.num_layers, dims.num_heads, dims.num_kv_heads)
     max_model_len = config.max_model_len or dims.max_position_embeddings
     if max_model_len > dims.max_position_embeddings:
@@ -89,19 +80,17 @@ def resolve(config: DeploymentConfig) -> ResolvedDeployment:
     num_threads = config.engine.num_threads_per_worker or default_num_threads(len(all_devices))
     replicas = []
     for name, spec in zip(config.replica_names, config.replicas):
-        layouts = _layouts(spec)
+        stages = _pipeline(spec)
         num_blocks = _num_kv_blocks(config, spec, dims, max_model_len, num_cpu_workers)
         devices = [d for stage in spec.stages for d in stage.devices]
         backend = distributed_backend([Device.parse(d) for d in devices])
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
-        workers = [WorkerSpec(replica=name, rank=rank, device=device, stages=layouts, model_dir=model_dir,
-                              dims=dims, rope=rope,
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        workers = [WorkerSpec(replica=name, rank=rank, device=device, stages=stages, model_dir=model_dir,
                               dtype=config.dtype, max_model_len=max_model_len, num_kv_blocks=num_blocks,
                               block_size=config.engine.block_size, num_threads=num_threads,
-                              init_method=init_method, backend=backend,
-                              is_lm_head_shared=config.engine.share_lm_head and len(spec.stages) > 1)
+                              init_method=init_method, backend=backend)
                    for rank, device in enumerate(devices)]
         micro_batches = config.engine.num_micro_batches or len(spec.stages)
-        replicas.append(ReplicaPlan(name, spec, workers, num_blocks, micro_batches))
+        replicas.append(ResolvedReplica(name, spec, workers, num_blocks, micro_batches))
     model_name = config.served_model_name or default_model_name(config.model)
     return ResolvedDeployment(config, model_dir, model_name, dims, max_model_len, replicas)

@@ -1,68 +1,18 @@
-"""Typed messages between the engine (driver) and its worker processes. Each is pickled whole over a
-pipe; the worker dispatches on the message type, never on a string."""
+"""Typed messages between the engine (driver) and its worker processes, per step and for control.
+Each is pickled whole over a pipe; the worker dispatches on the message type, never on a string.
+Nothing here is specific to a model family."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from hexcore.model.llama import LlamaDims, RopeSpec
 from hexcore.outputs import TokenLogprob
 from hexcore.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
-class StageLayout:
-    first_layer: int
-    num_layers: int
-    ranks: tuple[int, ...]  # world ranks of the stage's devices, by TP rank
-
-    @property
-    def tp(self) -> int:
-        return len(self.ranks)
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker process needs to build its shard and join its replica."""
-
-    replica: str
-    rank: int  # in the replica's torch.distributed world
-    device: str  # as written in the deployment file
-    stages: tuple[StageLayout, ...]
-    model_dir: Path
-    dims: LlamaDims
-    rope: RopeSpec
-    dtype: str
-    max_model_len: int
-    num_kv_blocks: int
-    block_size: int
-    num_threads: int
-    init_method: str  # torch.distributed rendezvous, e.g. tcp://127.0.0.1:PORT
-    backend: str  # gloo | nccl, chosen for the whole replica by hexcore.hardware
-    is_lm_head_shared: bool = False  # the first stage also holds the LM head and scores some steps
-
-    @property
-    def has_lm_head(self) -> bool:
-        index, num_stages = self.stage_index, len(self.stages)
-        return index == num_stages - 1 or (self.is_lm_head_shared and index == 0)
-
-    @property
-    def world_size(self) -> int:
-        return sum(stage.tp for stage in self.stages)
-
-    @property
-    def stage_index(self) -> int:
-        return next(j for j, stage in enumerate(self.stages) if self.rank in stage.ranks)
-
-    @property
-    def label(self) -> str:
-        return f"replica {self.replica!r} stage {self.stage_index} rank {self.rank} (device {self.device})"
-
-
-@dataclass(frozen=True)
 class SeqSampling:
-    """How the last stage (or the first, for a step it scores) chooses one sequence's next token."""
+    """How the last stage chooses one sequence's next token."""
 
     params: SamplingParams
     seed: int  # the draw for output token i uses (seed, i): reproducible, stateless, preemption-safe
@@ -93,9 +43,19 @@ class StepBatch:
     block_tables: list[list[int]]  # per sequence
     sampling: list[SeqSampling | None]  # per sequence; None when this chunk does not end the known tokens
     prompt_scoring: list[PromptScoring | None]  # per sequence, when prompt logprobs are asked
-    # the last stage sends the rows to score back to the first stage, which scores them when told
-    # to (ScoreStep); else the last stage scores and samples
-    is_scored_on_first_stage: bool = False
+
+    @classmethod
+    def uniform(cls, num_new_tokens: int, context_len: int, block_size: int, sampling: list[SeqSampling],
+                token_ids: list[int] | None = None, step_id: int = 0) -> "StepBatch":
+        """A made-up step (warm-up, measurement): one sequence per entry of `sampling`, each ending at
+        `context_len` tokens of which its last `num_new_tokens` are new; sequence i owns the blocks
+        after sequence i - 1's. Token ids default to 1."""
+        num_seqs, blocks_per_seq = len(sampling), -(-context_len // block_size)
+        return cls(step_id=step_id, token_ids=token_ids or [1] * (num_seqs * num_new_tokens),
+                   positions=[p for _ in range(num_seqs) for p in range(context_len - num_new_tokens, context_len)],
+                   query_lens=[num_new_tokens] * num_seqs, context_lens=[context_len] * num_seqs,
+                   block_tables=[list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(num_seqs)],
+                   sampling=list(sampling), prompt_scoring=[None] * num_seqs)
 
     @property
     def num_tokens(self) -> int:
@@ -113,13 +73,6 @@ class StepBatch:
                 first = end - n + scoring.first_row
                 prompt_rows.extend(range(first, first + len(scoring.target_ids)))
         return sample_rows, prompt_rows
-
-
-@dataclass(frozen=True)
-class ScoreStep:
-    """To the first stage's ranks: score and sample step `step_id`, whose rows come back from the last stage."""
-
-    step_id: int
 
 
 @dataclass(frozen=True)
@@ -143,16 +96,14 @@ class StatsRequest:
 class WorkerStats:
     rank: int
     stage_index: int
-    busy_seconds: float  # time spent computing (not waiting for input), scoring included
+    busy_seconds: float  # time spent computing (not waiting for input)
     num_steps: int
     recent_steps: tuple[tuple[int, float, float], ...] = ()  # (step id, start, end), shared monotonic clock
-    num_scored_steps: int = 0  # steps scored for the last stage (a first stage sharing the LM head)
 
 
 @dataclass(frozen=True)
 class WorkerReady:
     rank: int
-    load_seconds: float
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from multiprocessing.connection import Connection, wait
 
 from hexcore.hardware import WORKER_ENVIRONMENT
 from hexcore.engine.client import EngineDead
-from hexcore.executor.messages import (ScoreStep, Shutdown, StatsRequest, StepBatch, StepResult, WorkerFailed, WorkerReady,
-                              WorkerSpec, WorkerStats)
+from hexcore.executor.messages import Shutdown, StatsRequest, StepBatch, StepResult, WorkerFailed, WorkerReady, WorkerStats
+from hexcore.executor.specs import WorkerSpec
 from hexcore.worker.main import worker_main
 
 
@@ -26,7 +26,8 @@ def _context():
     for name, value in WORKER_ENVIRONMENT.items():  # read by the forkserver when it starts
         os.environ.setdefault(name, value)
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["hexcore.worker.main"])
+    # the worker and what it imports to read the model's config (transformers' Llama module)
+    context.set_forkserver_preload(["hexcore.worker.main", "transformers.models.llama.modeling_llama"])
     return context
 
 
@@ -36,7 +37,6 @@ class ReplicaWorkers:
         self.processes: list[mp.Process] = []
         self.conns: list[Connection] = []
         self.stats: dict[int, WorkerStats] = {}
-        self.load_seconds = 0.0
 
     def start(self, timeout: float = 600.0) -> None:
         context = _context()
@@ -71,7 +71,6 @@ class ReplicaWorkers:
                 if isinstance(message, WorkerFailed):
                     raise WorkerStartupError(f"{message.label} failed during startup: {message.error}")
                 assert isinstance(message, WorkerReady), message
-                self.load_seconds = max(self.load_seconds, message.load_seconds)
             if time.monotonic() > deadline:
                 labels = ", ".join(spec.label for spec in pending.values())
                 raise WorkerStartupError(f"timed out waiting for {labels} to start")
@@ -91,10 +90,6 @@ class ReplicaWorkers:
                     assert result.step_id == step_id, "no other step is in flight"
                     return result
         raise EngineDead(f"step {step_id} did not come back within {timeout:.0f} s")
-
-    def score_on_first_stage(self, step_id: int) -> None:
-        for rank in self.specs[0].stages[0].ranks:
-            self.conns[rank].send(ScoreStep(step_id))
 
     def request_stats(self) -> None:
         for conn in self.conns:

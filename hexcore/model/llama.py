@@ -1,6 +1,6 @@
 """The Llama-family decoder (Llama-2/3, SmolLM2, Mistral without sliding window), one stage of it.
 
-A `LlamaStage` holds layers [first_layer, end_layer) of one tensor-parallel rank; the first stage also
+A `LlamaStage` holds layers [first_layer, first_layer + len(layers)) of one tensor-parallel rank; the first stage also
 holds the embedding, the last one the final norm and LM head. The model knows its layer range, never
 its pipeline rank; the tensor-parallel layers carry their own process group.
 
@@ -94,6 +94,14 @@ class RopeSpec:
         return (angles.cos() * scaling).to(device, dtype), (angles.sin() * sign * scaling).to(device, dtype)
 
 
+def read_model_config(model_dir) -> tuple[LlamaDims, RopeSpec]:
+    """The dimensions and rotary embedding of the model in an HF directory (its config.json)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return LlamaDims.from_hf(config), RopeSpec.from_hf(config)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D] rotated by position: HF's x * cos + rotate_half(x) * sin, where rotate_half(x)
     = (-x2, x1) = roll(x, D/2) with the first half's sign folded into the table."""
@@ -168,10 +176,6 @@ class LlamaStage(nn.Module):
         self.register_buffer("signed_sin", signed_sin, persistent=False)
 
     @property
-    def end_layer(self) -> int:
-        return self.first_layer + len(self.layers)
-
-    @property
     def has_embedding(self) -> bool:
         return self.first_layer == 0
 
@@ -193,10 +197,9 @@ class LlamaStage(nn.Module):
 
 
 def load_stage(checkpoint: Checkpoint, dims: LlamaDims, rope: RopeSpec, first_layer: int, num_layers: int,
-               tp: TPGroup, max_model_len: int, with_lm_head: bool = False) -> LlamaStage:
+               tp: TPGroup, max_model_len: int) -> LlamaStage:
     """Build this rank's shard of layers [first_layer, first_layer + num_layers), reading only its slices.
-    The stage that ends the model holds the final norm and LM head; `with_lm_head` gives them to
-    another stage too (a first stage that shares the head's work)."""
+    The stage that ends the model holds the final norm and LM head."""
     heads = dims.num_heads // tp.size
     kv_heads = dims.num_kv_heads // tp.size
     q_rows = (tp.rank * heads * dims.head_dim, (tp.rank + 1) * heads * dims.head_dim)
@@ -227,7 +230,7 @@ def load_stage(checkpoint: Checkpoint, dims: LlamaDims, rope: RopeSpec, first_la
     vocab_rows = (min(tp.rank * vocab_shard, dims.vocab_size), min((tp.rank + 1) * vocab_shard, dims.vocab_size))
     embed_name = "model.embed_tokens.weight"
     is_first = first_layer == 0
-    has_head = with_lm_head or first_layer + num_layers == dims.num_layers
+    has_head = first_layer + num_layers == dims.num_layers
     embed_rows = checkpoint.rows(embed_name, *vocab_rows) if is_first or (has_head and dims.tie_word_embeddings) else None
     embed = VocabParallelEmbedding(embed_rows, vocab_rows[0], tp) if is_first else None
     norm_out = lm_head = None

@@ -8,14 +8,14 @@ stage j, so the sends are spread over the senders and each receiver gets one cop
 
 from __future__ import annotations
 
-from hexcore.executor.messages import StageLayout
+from hexcore.executor.specs import PipelineStage
 
 
-def source_rank(prev: StageLayout, stage: StageLayout, tp_rank: int) -> int:
+def source_rank(prev: PipelineStage, stage: PipelineStage, tp_rank: int) -> int:
     """The world rank from which rank `tp_rank` of `stage` receives its input."""
     return prev.ranks[tp_rank % prev.tp]
 
 
-def destination_ranks(stage: StageLayout, next_stage: StageLayout, tp_rank: int) -> list[int]:
+def destination_ranks(stage: PipelineStage, next_stage: PipelineStage, tp_rank: int) -> list[int]:
     """The world ranks of `next_stage` to which rank `tp_rank` of `stage` sends its output."""
     return [rank for k, rank in enumerate(next_stage.ranks) if k % stage.tp == tp_rank]

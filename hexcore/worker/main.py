@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import signal
-import time
 import traceback
 from datetime import timedelta
 
@@ -15,12 +14,10 @@ import torch.distributed as dist
 
 from hexcore.config import Device
 from hexcore.hardware import check_available, torch_device
-from hexcore.model.kv_cache import allocate_kv_cache
-from hexcore.model.llama import load_stage
-from hexcore.executor.messages import ScoreStep, Shutdown, StatsRequest, StepBatch, WorkerFailed, WorkerReady, WorkerSpec
+from hexcore.executor.messages import Shutdown, StatsRequest, StepBatch, WorkerFailed, WorkerReady
+from hexcore.executor.specs import WorkerSpec
 from hexcore.model.parallel import TPGroup
-from hexcore.worker.stage_runner import StageRunner
-from hexcore.model.weights import Checkpoint
+from hexcore.worker.stage_runner import StageRunner, load_stage_runner
 
 _STARTUP_TIMEOUT = timedelta(minutes=5)
 
@@ -57,18 +54,8 @@ def _build_runner(spec: WorkerSpec) -> StageRunner:
         group = dist.new_group(list(stage.ranks)) if stage.tp > 1 else None
         if spec.rank in stage.ranks:
             tp = TPGroup(stage.ranks.index(spec.rank), stage.tp, group, stage.ranks)
-    stage_index = spec.stage_index
-    stage = spec.stages[stage_index]
-    dtype = getattr(torch, spec.dtype)
-    target = torch_device(device)
-    checkpoint = Checkpoint(spec.model_dir, dtype, target)
-    model = load_stage(checkpoint, spec.dims, spec.rope, stage.first_layer, stage.num_layers, tp, spec.max_model_len,
-                       with_lm_head=spec.has_lm_head)
-    checkpoint.close()
-    kv_heads = model.dims.num_kv_heads // tp.size
-    kv_caches = allocate_kv_cache(stage.num_layers, spec.num_kv_blocks, spec.block_size, kv_heads,
-                                  model.dims.head_dim, dtype, target)
-    return StageRunner(model, kv_caches, tp, spec.rank, stage_index, spec.stages, spec.block_size, target)
+    return load_stage_runner(spec.model_dir, spec.dtype, torch_device(device), spec.stages, spec.stage_index, tp,
+                             spec.rank, spec.num_kv_blocks, spec.block_size, spec.max_model_len)
 
 
 def _send_result(conn, result) -> None:
@@ -80,16 +67,13 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     _die_with_parent()
     _keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
-    started = time.perf_counter()
     try:
         runner = _build_runner(spec)
-        conn.send(WorkerReady(spec.rank, time.perf_counter() - started))
+        conn.send(WorkerReady(spec.rank))
         while True:
             message = conn.recv()
             if isinstance(message, StepBatch):
                 _send_result(conn, runner.run(message))
-            elif isinstance(message, ScoreStep):
-                _send_result(conn, runner.score(message.step_id))
             elif isinstance(message, StatsRequest):
                 conn.send(runner.stats())
             elif isinstance(message, Shutdown):

@@ -1,47 +1,42 @@
 """Runs one rank's share of a replica on each StepBatch: receive (or embed) the input, run the
-stage's layers, then send the hidden states on, or, on the last stage, score and sample. With a
-shared LM head the last stage sends some steps' scored rows back to the first stage instead, which
-scores and samples them when the driver says so (ScoreStep)."""
+stage's layers, then send the hidden states on, or, on the last stage, score and sample."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from hexcore.model.attention import AttentionMetadata, GatherWorkspace
+from hexcore.executor.messages import StepBatch, StepResult, WorkerStats
+from hexcore.executor.specs import PipelineStage
 from hexcore.kernels.select import decode_attention_kernel
-from hexcore.model.llama import LlamaStage
-from hexcore.executor.messages import StageLayout, StepBatch, StepResult, WorkerStats
-from hexcore.model.parallel import TPGroup
+from hexcore.model.attention import AttentionMetadata, GatherWorkspace
+from hexcore.model.kv_cache import allocate_kv_cache
+from hexcore.model.llama import LlamaStage, load_stage, read_model_config
+from hexcore.model.parallel import SINGLE, TPGroup
 from hexcore.model.pipeline import destination_ranks, source_rank
+from hexcore.model.weights import Checkpoint
 from hexcore.worker.sampler import sample, scored_token
 
 
 class StageRunner:
     def __init__(self, model: LlamaStage, kv_caches: torch.Tensor, tp: TPGroup, rank: int, stage_index: int,
-                 stages: tuple[StageLayout, ...], block_size: int, device: torch.device):
+                 stages: tuple[PipelineStage, ...], block_size: int, device: torch.device):
         self.model, self.kv_caches, self.tp = model, kv_caches, tp
         self.rank, self.stage_index, self.block_size, self.device = rank, stage_index, block_size, device
         stage = stages[stage_index]
-        is_first, is_last = stage_index == 0, stage_index == len(stages) - 1
+        is_first, self.is_last = stage_index == 0, stage_index == len(stages) - 1
         self.source = None if is_first else source_rank(stages[stage_index - 1], stage, tp.rank)
-        self.is_last = is_last
-        self.destinations = [] if is_last else destination_ranks(stage, stages[stage_index + 1], tp.rank)
-        # steps scored on the first stage (a shared LM head): their rows travel back from the last stage
-        # (a last-stage rank may have no first-stage rank to send to: it then only skips the scoring)
-        self.is_last_of_several = is_last and not is_first
-        self.score_destinations = destination_ranks(stage, stages[0], tp.rank) if self.is_last_of_several else []
-        self.score_source = source_rank(stages[-1], stage, tp.rank) if is_first and not is_last else None
-        self._awaiting_score: dict[int, StepBatch] = {}
+        self.destinations = [] if self.is_last else destination_ranks(stage, stages[stage_index + 1], tp.rank)
         self._pending_sends: tuple[torch.Tensor | None, list] = (None, [])
         self._workspace = GatherWorkspace()
-        self._decode_kernel = decode_attention_kernel(device, model.cos.dtype)
+        self.decode_kernel = decode_attention_kernel(device, model.cos.dtype)
         self.busy_seconds = 0.0
         self.num_steps = 0
-        self.num_scored_steps = 0  # steps scored for the last stage (a first stage sharing the LM head)
         self.recent_steps: deque[tuple[int, float, float]] = deque(maxlen=256)
 
     def run(self, batch: StepBatch) -> StepResult | None:
@@ -49,43 +44,21 @@ class StageRunner:
         started = time.perf_counter()
         meta = AttentionMetadata.build(batch.query_lens, batch.context_lens, batch.block_tables,
                                        self.block_size, self.device, self.model.cos.dtype, self._workspace,
-                                       self._decode_kernel)
+                                       self.decode_kernel)
         positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         hidden = self.model(inputs, positions, self.kv_caches, meta)  # [T, C]
         result = None
         if not self.is_last:
             self._send(hidden, self.destinations)
-            if batch.is_scored_on_first_stage and self.score_source is not None:
-                self._awaiting_score[batch.step_id] = batch
         else:
             sample_rows, prompt_rows = batch.scored_rows()
             scored = hidden[sample_rows + prompt_rows] if sample_rows or prompt_rows else None  # [R, C]
-            if batch.is_scored_on_first_stage and self.is_last_of_several:
-                if scored is not None and self.score_destinations:
-                    self._send(scored, self.score_destinations)
-            else:
-                result = self._score(batch, scored)
+            result = self._score(batch, scored)
         self._record(batch.step_id, started)
         return result
 
-    def score(self, step_id: int) -> StepResult | None:
-        """Score and sample a step this (first) stage ran earlier, on the rows the last stage sends back."""
-        batch = self._awaiting_score.pop(step_id)
-        sample_rows, prompt_rows = batch.scored_rows()
-        hidden = None
-        if sample_rows or prompt_rows:
-            hidden = torch.empty(len(sample_rows) + len(prompt_rows), self.model.dims.hidden_size,
-                                 dtype=self.model.cos.dtype, device=self.device)
-            dist.recv(hidden, src=self.score_source)
-        started = time.perf_counter()
-        result = self._score(batch, hidden)
-        self.busy_seconds += time.perf_counter() - started
-        self.num_scored_steps += 1
-        return result
-
     def stats(self) -> WorkerStats:
-        return WorkerStats(self.rank, self.stage_index, self.busy_seconds, self.num_steps, tuple(self.recent_steps),
-                           self.num_scored_steps)
+        return WorkerStats(self.rank, self.stage_index, self.busy_seconds, self.num_steps, tuple(self.recent_steps))
 
     def _record(self, step_id: int, started: float) -> None:
         finished = time.perf_counter()
@@ -126,3 +99,29 @@ class StageRunner:
                     prompt_logprobs[i] = [scored_token(next(logprobs), target, scoring.num_top)
                                           for target in scoring.target_ids]
         return StepResult(batch.step_id, tokens, prompt_logprobs)
+
+
+def load_stage_runner(model_dir: Path, dtype: str, device: torch.device, stages: tuple[PipelineStage, ...],
+                      stage_index: int, tp: TPGroup, rank: int, num_kv_blocks: int, block_size: int,
+                      max_model_len: int, num_model_layers: int | None = None) -> StageRunner:
+    """Load one rank's shard of its stage and allocate its KV cache. `num_model_layers` cuts the model
+    after that many layers (the last stage then holds the head), for measurements of smaller models."""
+    dims, rope = read_model_config(model_dir)
+    if num_model_layers is not None:
+        dims = dataclasses.replace(dims, num_layers=num_model_layers)
+    stage, torch_dtype = stages[stage_index], getattr(torch, dtype)
+    checkpoint = Checkpoint(model_dir, torch_dtype, device)
+    model = load_stage(checkpoint, dims, rope, stage.first_layer, stage.num_layers, tp, max_model_len)
+    checkpoint.close()
+    kv_caches = allocate_kv_cache(stage.num_layers, num_kv_blocks, block_size, dims.num_kv_heads // tp.size,
+                                  dims.head_dim, torch_dtype, device)
+    return StageRunner(model, kv_caches, tp, rank, stage_index, stages, block_size, device)
+
+
+def single_rank_runner(model_dir: Path, num_layers: int, dtype: str, num_kv_blocks: int, block_size: int,
+                       max_model_len: int) -> StageRunner:
+    """The model's first `num_layers` layers, embedding and head as one CPU stage in this process: what a
+    one-stage TP 1 worker runs, for calibration and profiling (no torch.distributed world)."""
+    stages = (PipelineStage(0, num_layers, (0,)),)
+    return load_stage_runner(model_dir, dtype, torch.device("cpu"), stages, 0, SINGLE, 0, num_kv_blocks,
+                             block_size, max_model_len, num_model_layers=num_layers)

@@ -14,7 +14,6 @@ square matmul's rate).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import time
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planning.calibrate.device import DTYPES, torch_threads
+from planning.calibrate.device import torch_threads
 from planning.cost.stage_cost import StageCost
 from planning.inputs.catalog import DeviceSpec, LinkSpec
 from planning.inputs.models import ModelSpec
@@ -67,34 +66,20 @@ def time_engine_stage(model_dir, dtype: str, num_threads: int, shapes, num_reps:
                       layer_counts=LAYER_COUNTS) -> list[StageTiming]:
     """Time every shape on a one-stage replica of each layer count (one worker, TP 1, this process)."""
     import torch
-    from transformers import AutoConfig
 
-    from hexcore.model.kv_cache import allocate_kv_cache
-    from hexcore.model.llama import LlamaDims, RopeSpec, load_stage
-    from hexcore.executor.messages import SeqSampling, StageLayout
-    from hexcore.model.parallel import SINGLE
+    from hexcore.executor.messages import SeqSampling, StepBatch
     from hexcore.sampling_params import SamplingParams
-    from hexcore.worker.stage_runner import StageRunner
-    from hexcore.model.weights import Checkpoint
+    from hexcore.worker.stage_runner import single_rank_runner
 
-    config = AutoConfig.from_pretrained(model_dir)
-    dims, rope = LlamaDims.from_hf(config), RopeSpec.from_hf(config)
-    device = torch.device("cpu")
     longest = max(s.num_seqs * -(-s.context_len // BLOCK_SIZE) for s in shapes)
     greedy = SeqSampling(SamplingParams(temperature=0.0, max_tokens=1), seed=0, num_generated=0)
     with torch_threads(num_threads), torch.inference_mode():
-        runners = {}
-        for num_layers in layer_counts:
-            checkpoint = Checkpoint(model_dir, DTYPES[dtype], device)
-            # the model's first `num_layers` layers as a whole model: embedding, layers, LM head
-            truncated = dataclasses.replace(dims, num_layers=num_layers)
-            stage = load_stage(checkpoint, truncated, rope, 0, num_layers, SINGLE, max(s.context_len for s in shapes))
-            checkpoint.close()
-            kv = allocate_kv_cache(num_layers, longest, BLOCK_SIZE, dims.num_kv_heads, dims.head_dim,
-                                   DTYPES[dtype], device)
-            runners[num_layers] = StageRunner(stage, kv, SINGLE, 0, 0, (StageLayout(0, num_layers, (0,)),),
-                                              BLOCK_SIZE, device)
-        batches = [_batch(shape, greedy) for shape in shapes]
+        # the model's first `num_layers` layers as a whole model: embedding, layers, LM head
+        runners = {num_layers: single_rank_runner(model_dir, num_layers, dtype, longest, BLOCK_SIZE,
+                                                  max(s.context_len for s in shapes))
+                   for num_layers in layer_counts}
+        batches = [StepBatch.uniform(s.num_new_tokens, s.context_len, BLOCK_SIZE, [greedy] * s.num_seqs)
+                   for s in shapes]
         seconds: dict[tuple[int, int], list[float]] = {}
         for rep in range(num_reps + 1):  # the first is a warm-up; interleaved, so load changes hit all alike
             for i, batch in enumerate(batches):
@@ -106,17 +91,6 @@ def time_engine_stage(model_dir, dtype: str, num_threads: int, shapes, num_reps:
     return [StageTiming(shape, num_layers, float(np.median(reps)), (max(reps) - min(reps)) / min(reps))
             for num_layers in layer_counts for i, shape in enumerate(shapes)
             for reps in [seconds[(i, num_layers)]]]
-
-
-def _batch(shape: StepShape, sampling):
-    from hexcore.executor.messages import StepBatch
-
-    n, q, c = shape.num_seqs, shape.num_new_tokens, shape.context_len
-    blocks = -(-c // BLOCK_SIZE)
-    return StepBatch(step_id=0, token_ids=[1] * (n * q), positions=[p for _ in range(n) for p in range(c - q, c)],
-                     query_lens=[q] * n, context_lens=[c] * n,
-                     block_tables=[list(range(i * blocks, (i + 1) * blocks)) for i in range(n)],
-                     sampling=[sampling] * n, prompt_scoring=[None] * n)
 
 
 @dataclass(frozen=True)

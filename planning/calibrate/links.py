@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hexcore.executor.ports import free_port
 
 _TIMEOUT_S = 120.0
 
@@ -64,7 +64,7 @@ def measure_links(num_workers: int, sizes: list[int], num_reps: int) -> LinkMeas
     """Fork `num_workers` gloo processes and time both patterns at each message size."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rank0.json"
-        port = _free_port()
+        port = free_port()
         context = mp.get_context("fork")  # the children need nothing but torch, already imported
         workers = [
             context.Process(target=_worker, args=(rank, num_workers, port, sizes, num_reps, str(out)))
@@ -80,12 +80,6 @@ def measure_links(num_workers: int, sizes: list[int], num_reps: int) -> LinkMeas
             raise RuntimeError(f"gloo measurement failed: worker exit codes {[w.exitcode for w in workers]}")
         result = json.loads(out.read_text())
     return LinkMeasurement(num_workers, tuple(sizes), tuple(result["p2p"]), tuple(result["all_reduce"]))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, num_workers: int, port: int, sizes: list[int], num_reps: int, out: str) -> None:

@@ -20,7 +20,7 @@ import httpx
 
 from hexcore.sampling_params import SamplingParams
 from tests.conftest import build_tokenizer
-from tests.server.conftest import free_port
+from hexcore.executor.ports import free_port
 from tests.server.fake_engine import FakeEngine
 
 

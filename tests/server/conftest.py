@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 
@@ -11,15 +10,10 @@ import httpx
 import pytest
 import uvicorn
 
+from hexcore.executor.ports import free_port
 from server.app import build_app
 from tests.conftest import build_tokenizer
 from tests.server.fake_engine import FakeEngine
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

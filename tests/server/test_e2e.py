@@ -21,7 +21,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from tests.conftest import deployment
-from tests.server.conftest import free_port
+from hexcore.executor.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "e2e-key"

@@ -141,36 +141,6 @@ def test_prefix_cache_hits_give_the_same_tokens(pipeline_llm):
     assert blocks.num_free_blocks == blocks.num_blocks
 
 
-@pytest.mark.parametrize("stages, num_micro_batches", [([(2, 5), (1, 3)], 1), ([(2, 5), (1, 3)], 2),
-                                                      ([(1, 4), (2, 4)], 2), ([(1, 3), (2, 3), (1, 2)], 3)])
-def test_shared_lm_head_gives_the_same_outputs(pipeline_llm, tiny_model_dir, stages, num_micro_batches):
-    """With the head shared, every other step is scored on the first stage (with TP2 its ranks gather
-    the logits) from rows the last stage sends back: tokens, logprobs and prompt logprobs are unchanged."""
-    params = [SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=2, prompt_logprobs=1),
-              *MIXED_PARAMS[1:]]
-    expected = pipeline_llm.generate(PROMPTS, params)
-    config = parse_config(deployment(tiny_model_dir, stages, max_num_batched_tokens=16,
-                                     num_micro_batches=num_micro_batches, share_lm_head=True))
-    with LLM(config) as llm:
-        results = llm.generate(PROMPTS, params)
-        llm.core.collect_worker_stats()
-        stats = llm.core.replicas[0].workers.stats
-    for result, reference in zip(results, expected):
-        assert result.token_ids == reference.token_ids
-        got, want = result.completions[0].logprobs, reference.completions[0].logprobs
-        assert (got is None) == (want is None)
-        for a, b in zip(got or [], want or []):
-            assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
-    got, want = results[0].prompt_logprobs, expected[0].prompt_logprobs
-    assert len(got) == len(want) and got[0] is None
-    assert [p.logprob for p in got[1:]] == pytest.approx([p.logprob for p in want[1:]], abs=1e-4)
-    # every worker ran every step; the first stage also scored half of them (the odd step ids)
-    (num_steps,) = {s.num_steps for s in stats.values()}
-    first_stage = range(stages[0][0])
-    assert all(stats[rank].num_scored_steps == num_steps // 2 for rank in first_stage)
-    assert all(s.num_scored_steps == 0 for rank, s in stats.items() if rank not in first_stage)
-
-
 def test_every_worker_is_warm_before_the_first_request(tiny_model_dir):
     """Start-up sends one token through the pipeline: each worker has run a step, yet no KV block is
     held and the replica's metrics start from zero."""
@@ -179,7 +149,6 @@ def test_every_worker_is_warm_before_the_first_request(tiny_model_dir):
         llm.core.collect_worker_stats()
         replica = llm.core.replicas[0]
         assert [replica.workers.stats[rank].num_steps for rank in range(3)] == [1, 1, 1]
-        assert [replica.workers.stats[rank].num_scored_steps for rank in range(3)] == [0, 0, 0]
         assert replica.block_manager.num_free_blocks == replica.block_manager.num_blocks
         assert replica.metrics.num_steps == 0 and not replica.in_flight
         greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

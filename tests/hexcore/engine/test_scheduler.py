@@ -10,7 +10,7 @@ from hexcore.engine.sequence import Sequence, SequenceStatus
 
 def make_seq(seq_id: int, num_prompt: int, max_tokens: int = 8) -> Sequence:
     return Sequence(seq_id, f"req-{seq_id}", 0, list(range(1, num_prompt + 1)), SamplingParams(max_tokens=max_tokens),
-                    seed=0, max_tokens=max_tokens, arrival_time=float(seq_id))
+                    seed=0, max_tokens=max_tokens)
 
 
 def complete(batch, blocks: BlockManager | None = None, sampled_token: int = 7) -> None:
