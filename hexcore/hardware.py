@@ -31,7 +31,8 @@ def torch_device(device: Device) -> torch.device:
 
 
 # OpenMP threads that sleep rather than spin while waiting: a worker whose sibling thread is
-# descheduled (a busy machine, or more workers than cores) then loses little instead of 5x.
+# descheduled (a busy machine, or more workers than cores) then loses little instead of most of its
+# speed (figures: BENCHMARKS.md, Engine throughput).
 WORKER_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 

@@ -17,8 +17,8 @@ group sets the pace, so a group is described by its slowest figures):
 A CPU worker is a roofline too: hexcore's linear layers prefetch the next block of weights while they
 multiply by the current one (hexcore/kernels/panel_linear.py), so streaming and computing overlap. On this
 project's 2-core machine the engine's stage at 1-4 decoding sequences takes the time of its weight
-stream, at 16 or a prefill that of its arithmetic (calibration residuals 1-8%; adding the two terms,
-as the model did for the kernels before, was off by up to 14%). That is shown for float32 on the
+stream, at 16 or a prefill that of its arithmetic (adding the two terms, as the model did for the
+kernels before, fitted worse; figures: BENCHMARKS.md, Calibration). That is shown for float32 on the
 compiled loop; a CPU worker without it (oneDNN's kernels, other dtypes) is modelled the same way,
 untested. The per-KV-token overhead is the paged attention's gather beyond the raw KV bytes.
 `gemm_weight_passes` (default 1, set by hand) is for devices whose multi-token GEMMs stream the

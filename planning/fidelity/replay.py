@@ -67,7 +67,7 @@ def run_trace(config: DeploymentConfig, requests: list[Request], seed: int = 0) 
         vocab = core.deployment.dims.vocab_size
         prompts = [[rng.randrange(vocab) for _ in range(r.prompt_len)] for r in requests]
         # warm-up: one short request per replica (the router spreads requests added together), so no
-        # replica's first measured step pays for its worker's first-call costs (~150 ms on a prefill)
+        # replica's first measured step pays for its worker's first-call costs (figures: BENCHMARKS.md, Layouts)
         llm.generate([prompts[0][:8]] * len(core.replicas), SamplingParams(max_tokens=2, ignore_eos=True))
         cold = [r.name for r in core.replicas if r.metrics.num_steps == 0]
         if cold:  # replicas of very unequal capacity: the router sent every warm-up elsewhere
