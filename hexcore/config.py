@@ -112,6 +112,7 @@ class ServerSpec(_Spec):
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: str | None = None
     max_waiting_requests: int = Field(default=256, ge=1)
+    max_n: int = Field(default=128, ge=1)  # the most choices (`n`) one request may ask for; more is a 400
 
 
 class EngineSpec(_Spec):
