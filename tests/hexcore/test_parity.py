@@ -11,6 +11,8 @@ from hexcore.sampling_params import SamplingParams
 from tests.conftest import deployment
 from tests.hexcore.hf_reference import greedy_reference
 
+pytestmark = pytest.mark.slow  # starts worker processes
+
 NUM_NEW_TOKENS = 32
 PROMPTS = ["The capital of France is", "Hello world", "A quick brown fox jumps over the lazy dog and then some more"]
 TOLERANCE = 1e-4

@@ -23,6 +23,8 @@ from transformers import AutoTokenizer
 from tests.conftest import deployment
 from hexcore.executor.ports import free_port
 
+pytestmark = pytest.mark.slow  # starts worker processes
+
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "e2e-key"
 STAGES = [(2, 5), (1, 3)]  # (TP degree, layers): asymmetric in both

@@ -11,6 +11,8 @@ from hexcore.engine.llm import LLM
 from hexcore.sampling_params import InvalidParameter, SamplingParams
 from tests.conftest import deployment
 
+pytestmark = pytest.mark.slow  # starts worker processes
+
 PROMPTS = ["The capital of France is", "Hello world", "A quick brown fox jumps over the lazy dog",
            "Once upon a time", "Tensor parallel", "cats and weather and questions about the tiny model"]
 MIXED_PARAMS = [

@@ -21,7 +21,7 @@ def replica(name: str, predicted: float | None = None, num_blocks: int = 100):
 
 def request(seq_id: int, num_prompt: int = 10, max_tokens: int = 10) -> list[Sequence]:
     return [Sequence(seq_id, f"r{seq_id}", 0, [1] * num_prompt, SamplingParams(max_tokens=max_tokens), 0,
-                     max_tokens, 0.0)]
+                     max_tokens)]
 
 
 def route(router: Router, num_requests: int) -> dict[str, int]:

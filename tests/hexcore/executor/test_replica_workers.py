@@ -18,6 +18,8 @@ from hexcore.sampling_params import SamplingParams
 from hexcore.executor.replica_workers import WorkerStartupError
 from tests.conftest import deployment
 
+pytestmark = pytest.mark.slow  # starts worker processes
+
 
 def _alive(pid: int) -> bool:
     try:

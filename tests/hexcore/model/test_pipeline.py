@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from hexcore.executor.messages import StageLayout
+from hexcore.executor.specs import PipelineStage
 from hexcore.model.pipeline import destination_ranks, source_rank
 
 
-def stage(first_rank: int, tp: int) -> StageLayout:
-    return StageLayout(first_layer=0, num_layers=1, ranks=tuple(range(first_rank, first_rank + tp)))
+def stage(first_rank: int, tp: int) -> PipelineStage:
+    return PipelineStage(first_layer=0, num_layers=1, ranks=tuple(range(first_rank, first_rank + tp)))
 
 
 @pytest.mark.parametrize("tp_from, tp_to, expected_sources", [

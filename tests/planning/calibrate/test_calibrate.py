@@ -19,6 +19,7 @@ def device_path(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # runs calibrate: worker processes
 def test_calibration_file_is_a_valid_device_spec_with_a_link(device_path):
     device_file = load_device_file(device_path)
     assert device_file.name == "local-cpu" and device_file.kind == "cpu"
@@ -31,6 +32,7 @@ def test_calibration_file_is_a_valid_device_spec_with_a_link(device_path):
     assert "# gloo between worker processes" in text and "decode, batch 1" in text
 
 
+@pytest.mark.slow  # runs calibrate: worker processes
 def test_calibration_file_round_trips_into_a_cluster_and_a_cost_model(device_path, tmp_path):
     cluster_path = tmp_path / "cluster.yaml"
     cluster_path.write_text(yaml.safe_dump({
