@@ -13,11 +13,15 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
+from hexcore.config import ServerSpec
 from hexcore.engine.client import EngineClient
 from server.errors import APIError, install_error_handlers
+from server.limits import EdgeLimits
 from server.metrics import ServerMetrics
 from server.middleware import AccessLogMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
 from server.protocol import (
@@ -36,6 +40,42 @@ from server.serving_tokens import TokenizationServing
 logger = logging.getLogger("hexgen.server")
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 router = APIRouter()
+
+
+# ---- what the OpenAPI schema says each route can answer (FastAPI's default 422 is never sent) ------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class HealthStatus(BaseModel):
+    status: str  # "ok" or "loading"
+
+
+def _errors(*statuses: int) -> dict:
+    descriptions = {
+        400: "Invalid request (the `param` field names the offending parameter)",
+        401: "Missing or invalid API key (when the server has one)",
+        404: "Unknown model",
+        413: "Request body too large",
+        503: "Model still loading, or server overloaded (see Retry-After)",
+    }
+    return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}
+
+
+_GENERATION_ERRORS = _errors(400, 401, 413, 503)
+_TOKENIZER_ERRORS = _errors(400, 401, 413, 503)
+_MODEL_ERRORS = _errors(401, 503)
+_SSE = {200: {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+              "description": "The response, or with `stream: true` server-sent events (`data: <json>`, then `data: [DONE]`)"}}
 
 
 @dataclass
@@ -61,12 +101,12 @@ def hexgen_version() -> str:
         return "unknown"
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={**_SSE, **_GENERATION_ERRORS})
 async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
     return await _state(raw_request).completions.create(request, raw_request)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={**_SSE, **_GENERATION_ERRORS})
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
     return await _state(raw_request).chat.create(request, raw_request)
 
@@ -76,12 +116,12 @@ def _model_card(state: ServerState) -> ModelCard:
     return ModelCard(id=state.engine.model_name, created=state.created, max_model_len=state.engine.max_model_len)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=ModelList, responses=_MODEL_ERRORS)
 async def list_models(raw_request: Request) -> dict:
     return ModelList(data=[_model_card(_state(raw_request))]).model_dump()
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={**_MODEL_ERRORS, **_errors(404)})
 async def retrieve_model(model_id: str, raw_request: Request) -> dict:
     state = _state(raw_request)
     if model_id != state.engine.model_name:
@@ -89,35 +129,45 @@ async def retrieve_model(model_id: str, raw_request: Request) -> dict:
     return _model_card(state).model_dump()
 
 
-@router.get("/health")
+@router.get(
+    "/health", response_model=HealthStatus,
+    responses={200: {"description": "Ready"}, 503: {"model": HealthStatus, "description": "Model still loading"}},
+)
 async def health(raw_request: Request) -> Response:
+    """Open even with an API key. `{"status": "ok"}` (200) once the model is loaded, else
+    `{"status": "loading"}` (503, Retry-After)."""
     if _state(raw_request).engine.is_ready:
-        return Response(status_code=200)
+        return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics", response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
+)
 async def metrics(raw_request: Request) -> Response:
+    """Open even with an API key."""
     return Response(_state(raw_request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", responses=_TOKENIZER_ERRORS)
 async def tokenize(request: TokenizeRequest, raw_request: Request) -> dict:
     return await _state(raw_request).tokens.tokenize(request)
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", responses=_TOKENIZER_ERRORS)
 async def detokenize(request: DetokenizeRequest, raw_request: Request) -> dict:
     return await _state(raw_request).tokens.detokenize(request)
 
 
-@router.get("/tokenizer_info")
+@router.get("/tokenizer_info", responses=_MODEL_ERRORS)
 async def tokenizer_info(raw_request: Request) -> dict:
     return _state(raw_request).tokens.tokenizer_info()
 
 
 @router.get("/version")
 async def server_version() -> dict:
+    """Open even with an API key."""
     return {"version": hexgen_version()}
 
 
@@ -132,13 +182,40 @@ async def _start_engine(engine: EngineClient, on_start_failure: Callable[[BaseEx
     logger.info("engine ready after %.1f s", time.monotonic() - started)
 
 
+def _openapi_without_422(app: FastAPI) -> Callable[[], dict]:
+    """FastAPI documents a 422 on every route with parameters; validation errors are 400s here (in
+    the OpenAI error shape), as each route's responses say."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path_item in schema.get("paths", {}).values():
+                for operation in path_item.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
+def _max_n_of(engine: EngineClient) -> int:
+    """server.max_n of the engine's deployment, if it has one (AsyncEngine keeps its config)."""
+    server_spec = getattr(getattr(engine, "config", None), "server", None)
+    return getattr(server_spec, "max_n", None) or ServerSpec().max_n
+
+
 def build_app(
     engine: EngineClient,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     on_start_failure: Callable[[BaseException], None] = lambda err: None,
+    max_n: int | None = None,
 ) -> FastAPI:
-    """The HTTP app over `engine`. Its lifespan starts the engine in the background and shuts it down."""
+    """The HTTP app over `engine`. Its lifespan starts the engine in the background and shuts it down.
+    `max_n` (default: the deployment's server.max_n) bounds the choices one request may ask for."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -153,15 +230,17 @@ def build_app(
     app = FastAPI(title="hexgen", version=hexgen_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     metrics_ = ServerMetrics(engine)
     tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hexgen-tokenizer")
+    limits = EdgeLimits(engine, max_n=max_n if max_n is not None else _max_n_of(engine))
     app.state.hexgen = ServerState(
         engine=engine,
         metrics=metrics_,
-        completions=CompletionServing(engine, metrics_, tokenizer_pool),
-        chat=ChatServing(engine, metrics_, tokenizer_pool),
-        tokens=TokenizationServing(engine, metrics_, tokenizer_pool),
+        completions=CompletionServing(engine, metrics_, tokenizer_pool, limits),
+        chat=ChatServing(engine, metrics_, tokenizer_pool, limits),
+        tokens=TokenizationServing(engine, metrics_, tokenizer_pool, limits),
         created=int(time.time()),
     )
     app.include_router(router)
+    app.openapi = _openapi_without_422(app)
     install_error_handlers(app)
 
     @app.exception_handler(ClientDisconnected)
@@ -170,5 +249,6 @@ def build_app(
 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, api_key=api_key)
-    app.add_middleware(AccessLogMiddleware)  # added last: outermost, so it logs guard rejections too
+    # added last: outermost, so it logs and counts the guards' rejections too
+    app.add_middleware(AccessLogMiddleware, on_rejection=metrics_.count_rejection)
     return app

@@ -41,13 +41,20 @@ class Generation:
         request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
         trackers = [RequestTracker(metrics, arrival_time) for _ in prompts]
         generation = cls(engine, request_ids, trackers, params.n)
+        firsts: list = [None] * len(prompts)
         try:
             iterators = [engine.generate(rid, ids, params) for rid, ids in zip(request_ids, prompts)]
             firsts = await asyncio.gather(*(anext(it) for it in iterators), return_exceptions=True)
             for first in firsts:
                 if isinstance(first, BaseException):
                     raise first
-        except BaseException:
+        except BaseException as err:
+            # A request the engine refused (overloaded, invalid) is a rejection, not a finish; one
+            # whose wait was cancelled (the client left) is an abort and is counted as one.
+            for tracker, first in zip(trackers, firsts):
+                if isinstance(first, RequestOutput):
+                    tracker.observe(first)  # admitted, now aborted: counted on the replica that had it
+                tracker.is_rejected = isinstance(first, Exception) or (first is None and isinstance(err, Exception))
             await generation.close()
             raise
         generation._firsts = firsts

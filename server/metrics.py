@@ -16,6 +16,8 @@ logger = logging.getLogger("hexgen.server")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 UNKNOWN_REPLICA = "unknown"
+# why a request was refused before any work (hexgen_requests_rejected_total{reason}); see APIError.rejection_reason
+REJECTION_REASONS = ("invalid_request", "unauthorized", "too_large", "overloaded", "not_ready")
 
 
 class _EngineStatsCollector:
@@ -55,6 +57,12 @@ class ServerMetrics:
             "hexgen_request_success", "Finished choices (n>1 requests count n times) by finish reason",
             ["replica", "finish_reason"], registry=self.registry,
         )
+        self.rejected_requests = Counter(
+            "hexgen_requests_rejected", "HTTP requests refused before any work, by reason: " + ", ".join(REJECTION_REASONS),
+            ["reason"], registry=self.registry,
+        )
+        for reason in REJECTION_REASONS:  # every reason shows from the start, at 0
+            self.rejected_requests.labels(reason)
         self.prompt_tokens = Counter("hexgen_prompt_tokens", "Prompt tokens processed", ["replica"], registry=self.registry)
         self.generation_tokens = Counter(
             "hexgen_generation_tokens", "Tokens generated", ["replica"], registry=self.registry
@@ -76,6 +84,9 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def count_rejection(self, reason: str) -> None:
+        self.rejected_requests.labels(reason).inc()
+
 
 class RequestTracker:
     """Token counts and timings of one engine request; reports them to the metrics once it ends."""
@@ -88,6 +99,7 @@ class RequestTracker:
         self.num_prompt_tokens = 0
         self.num_tokens_by_choice: dict[int, int] = {}
         self.finish_reasons: dict[int, str] = {}
+        self.is_rejected = False  # the engine refused it: counted as a rejection, not as a finish
         self._is_reported = False
 
     @property
@@ -105,8 +117,9 @@ class RequestTracker:
                 self.finish_reasons[delta.index] = delta.finish_reason
 
     def report(self, num_choices: int) -> None:
-        """Once, when the request ended (finished or not): unfinished choices count as aborted."""
-        if self._is_reported:
+        """Once, when the request ended (finished or not): unfinished choices count as aborted. A
+        request the engine refused is no finish (the HTTP layer counts it as a rejection)."""
+        if self._is_reported or self.is_rejected:
             return
         self._is_reported = True
         metrics, replica = self._metrics, self.replica

@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids and structured access logs, the API key check, the body size limit."""
+"""ASGI middleware: request ids, structured access logs and the count of refused requests, the API key
+check (before the body is read), the body size limit."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import logging
 import re
 import time
 import uuid
+from typing import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import APIError
+from server.errors import REJECTION_STATE_KEY, APIError
 
 access_logger = logging.getLogger("hexgen.access")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -19,10 +21,12 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 class AccessLogMiddleware:
     """Gives every request an id (the client's `x-request-id` if sane), echoes it in the response
-    headers, and logs one JSON line when the response ends: method, path, status, latency, tokens."""
+    headers, and logs one JSON line when the response ends: method, path, status, latency, tokens, and
+    for a refused request the reason, which it also hands to `on_rejection` (the metrics)."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, on_rejection: Callable[[str], None] = lambda reason: None):
         self.app = app
+        self.on_rejection = on_rejection
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,26 +52,51 @@ class AccessLogMiddleware:
                 "request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status,
                 "latency_ms": round((time.monotonic() - start) * 1000, 2),
             }
-            generation = scope.get("state", {}).get("generation")
+            state = scope.get("state", {})
+            generation = state.get("generation")
             if generation is not None:
                 usage = generation.usage()
                 record.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+            rejection = state.get(REJECTION_STATE_KEY)
+            if rejection is not None and status >= 400:
+                record["rejected"] = rejection
+                self.on_rejection(rejection)
             access_logger.info(json.dumps(record))
 
 
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json"})  # no key needed: no model work
+
+
+def check_authorization(headers: list[tuple[bytes, bytes]], api_key: bytes) -> str | None:
+    """None when the headers hold exactly one `Authorization: Bearer <api_key>` (the scheme in any case,
+    RFC 7235), else what is wrong."""
+    values = [value for name, value in headers if name.lower() == b"authorization"]
+    if not values:
+        return "missing API key (send `Authorization: Bearer <key>`)"
+    if len(values) > 1:
+        return "more than one Authorization header"
+    scheme, _, credentials = values[0].strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return "unsupported authorization scheme (send `Authorization: Bearer <key>`)"
+    if not hmac.compare_digest(credentials.strip(), api_key):
+        return "invalid API key"
+    return None
+
+
 class ApiKeyMiddleware:
-    """When a key is configured, /v1 requests without `Authorization: Bearer <key>` get a 401."""
+    """When a key is configured, every request but those to OPEN_PATHS needs `Authorization: Bearer
+    <key>`, else a 401. It runs before the body is read: an unauthenticated request costs nothing."""
 
     def __init__(self, app: ASGIApp, api_key: str | None):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.api_key = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected and scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                error = APIError(401, "invalid or missing API key (send `Authorization: Bearer <key>`)", code="invalid_api_key")
-                return await error.to_response()(scope, receive, send)
+        if self.api_key and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            problem = check_authorization(scope["headers"], self.api_key)
+            if problem is not None:
+                error = APIError(401, problem, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await error.to_response(scope)(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -85,7 +114,7 @@ class BodyLimitMiddleware:
         body = await self._read_body(receive)
         if body is None:
             error = APIError(413, f"request body larger than {self.max_body_bytes} bytes", code="body_too_large")
-            return await error.to_response()(scope, receive, send)
+            return await error.to_response(scope)(scope, receive, send)
         is_replayed = False
 
         async def replay() -> Message:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_LOGPROBS = 20  # top alternatives per token (as SamplingParams allows)
 
 
 def random_id(prefix: str) -> str:
@@ -17,14 +21,50 @@ def unix_now() -> int:
     return int(time.time())
 
 
+def find_invalid_unicode(value) -> list[str | int] | None:
+    """The path to the first string (or object key) in parsed JSON that is not valid Unicode (a lone
+    surrogate such as "\\ud800", which JSON escapes allow), or None. Such text cannot be tokenized or
+    encoded back to UTF-8, so it is refused at the edge."""
+    stack: list[tuple[object, list[str | int]]] = [(value, [])]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if isinstance(key, str) and find_invalid_unicode(key) is not None:
+                    return path
+                stack.append((child, [*path, key]))
+        elif isinstance(item, list):
+            stack.extend((child, [*path, i]) for i, child in enumerate(item))
+    return None
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # an unsupported parameter is a 400, never ignored
+    # an unsupported parameter is a 400, never ignored; NaN and infinities are refused in every float
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    is_request_body: ClassVar[bool] = False  # a whole request body: checked for invalid Unicode once, here
 
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data):
         """Clients send `"temperature": null` for "not set": treat it as absent."""
         return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_invalid_unicode(cls, data):
+        if cls.is_request_body:
+            path = find_invalid_unicode(data)
+            if path is not None:
+                param = ".".join(str(part) for part in path) or None
+                message = "text is not valid Unicode (it holds a lone surrogate)"
+                raise PydanticCustomError("invalid_unicode", message, {"param": param})
+        return data
 
 
 class StreamOptions(_Request):
@@ -37,28 +77,31 @@ class ResponseFormat(_Request):
 
 
 class SamplingRequest(_Request):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions. Static bounds are declared here (and so
+    published in the OpenAPI schema); bounds that depend on the model or the deployment (token ids
+    under the vocabulary size, n up to server.max_n, stop strings) are checked in server/limits.py."""
 
+    is_request_body: ClassVar[bool] = True
     model: str | None = None  # None: the served model
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1)  # and at most server.max_n
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # accepted only when empty
     # extensions that vLLM users send
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    stop_token_ids: list[int] = Field(default_factory=list)
+    top_k: int = Field(default=0, ge=-1)  # 0 or -1: disabled
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    stop_token_ids: list[int] = Field(default_factory=list)  # each in [0, vocab size)
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = Field(default=0, ge=0)
     skip_special_tokens: bool = True
 
     @property
@@ -69,10 +112,10 @@ class SamplingRequest(_Request):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    prompt: str | list[str] | list[int] | list[list[int]]  # token ids in [0, vocab size)
+    max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None  # accepted only when equal to n
 
 
@@ -95,9 +138,9 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True  # vLLM extension
 
@@ -107,6 +150,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class TokenizeRequest(_Request):
+    is_request_body: ClassVar[bool] = True
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None  # tokenized through the chat template
@@ -115,8 +159,9 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
+    is_request_body: ClassVar[bool] = True
     model: str | None = None
-    tokens: list[int]
+    tokens: list[int]  # each in [0, vocab size)
 
 
 # ---- responses ---------------------------------------------------------------------------------

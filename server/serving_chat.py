@@ -31,7 +31,7 @@ from server.serving_common import OpenAIServing, event_stream, until_disconnect
 class ChatServing(OpenAIServing):
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         arrival_time = time.monotonic()
-        self.check_request(request)
+        self.check_request(request, request.requested_max_tokens)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         prompt = await self.encode_chat(request.messages, request.add_generation_prompt)

@@ -1,5 +1,6 @@
-"""What completions and chat share: model checks, tokenization off the event loop, the chat template,
-sampling parameters, error mapping, SSE framing and abort on client disconnect."""
+"""What completions and chat share: model checks and the edge limits, tokenization off the event loop
+(one thread, bounded text), the chat template, sampling parameters, error mapping, SSE framing and
+abort on client disconnect."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from hexcore.engine.client import EngineClient, EngineOverloaded
 from hexcore.sampling_params import InvalidParameter, SamplingParams
 from server.errors import APIError, bad_request, internal_error
 from server.generation import Generation
+from server.limits import EdgeLimits
 from server.metrics import ServerMetrics
 from server.protocol import ChatMessage, SamplingRequest
 
@@ -46,35 +48,45 @@ def as_api_error(err: Exception) -> APIError:
 class OpenAIServing:
     """Base of the completions and chat handlers."""
 
-    def __init__(self, engine: EngineClient, metrics: ServerMetrics, tokenizer_pool: ThreadPoolExecutor):
+    def __init__(
+        self, engine: EngineClient, metrics: ServerMetrics, tokenizer_pool: ThreadPoolExecutor, limits: EdgeLimits
+    ):
         self.engine = engine
         self.metrics = metrics
-        self._tokenizer_pool = tokenizer_pool  # one thread: HF fast tokenizers are not safe to share
+        self.limits = limits
+        # One thread: HF fast tokenizers are not safe to share, and tokenization never runs on the event
+        # loop. Jobs queue in arrival order; each is bounded by limits.max_text_chars.
+        self._tokenizer_pool = tokenizer_pool
         self._token_texts: dict[int, str] = {}
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def check_request(self, request: SamplingRequest) -> None:
+    def check_request(self, request: SamplingRequest, max_tokens: int | None) -> None:
+        """Everything that can be checked before tokenizing (`max_tokens`: the effective one, or None)."""
         check_ready(self.engine)
         check_model(self.engine, request.model)
-        if request.logit_bias:
+        if request.logit_bias:  # if ever supported: its keys are token ids, to check like stop_token_ids
             raise bad_request("logit_bias is not supported", "logit_bias")
         if request.stream_options is not None and not request.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        self.limits.check_sampling(request, max_tokens)
 
     async def run_in_tokenizer_thread(self, function, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(
             self._tokenizer_pool, lambda: function(*args, **kwargs)
         )
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        """Token ids of `text`; a text too long to ever fit in the context is a 400, without tokenizing."""
+        self.limits.check_text_length(len(text), param)
         return await self.run_in_tokenizer_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
     async def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+        self.limits.check_text_length(sum(len(message.text) for message in messages), "messages")
         text = await self.run_in_tokenizer_thread(render_chat, self.tokenizer, messages, add_generation_prompt)
-        return await self.encode(text, add_special_tokens=False)  # the template already holds them
+        return await self.encode(text, add_special_tokens=False, param="messages")  # the template holds them
 
     def token_text(self, token_id: int) -> str:
         """A token's own text, as logprobs report it."""
@@ -102,9 +114,10 @@ class OpenAIServing:
         self, raw_request: Request, base_id: str, prompts: list[list[int]], params: SamplingParams,
         arrival_time: float, prompt_param: str = "prompt",
     ) -> Generation:
-        """Start the engine requests (the engine rejects empty, too long or out-of-vocabulary prompts).
-        A client that leaves while they wait for their first token aborts them; the access log reads
-        their token counts from the request state."""
+        """Start the engine requests (the engine rejects empty or too long prompts; token ids out of the
+        vocabulary are refused here, before they reach a worker). A client that leaves while they wait
+        for their first token aborts them; the access log reads their token counts from the request state."""
+        self.limits.check_prompt_ids(prompts, prompt_param)
         opening = Generation.open(self.engine, self.metrics, base_id, prompts, params, arrival_time)
         try:
             generation = await until_disconnect(raw_request, opening)
@@ -180,6 +193,9 @@ async def until_disconnect(raw_request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
-    if task.cancelled():
+    if not task.done():  # the client left first: let the work's cleanup (the aborts) run, then say so
+        await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("work of a departed client ended with an error", exc_info=task.exception())
         raise ClientDisconnected()
     return task.result()

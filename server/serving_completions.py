@@ -74,7 +74,7 @@ def _append_logprobs(
 class CompletionServing(OpenAIServing):
     async def create(self, request: CompletionRequest, raw_request: Request) -> Response:
         arrival_time = time.monotonic()
-        self.check_request(request)
+        self.check_request(request, request.max_tokens)
         if request.best_of is not None and request.best_of != request.n:
             raise bad_request("best_of is not supported (only best_of equal to n)", "best_of")
         texts, prompts = await self._prompts(request.prompt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from server.errors import bad_request
+from server.limits import check_token_ids
 from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.serving_common import OpenAIServing, check_model, check_ready
 
@@ -22,9 +23,7 @@ class TokenizationServing(OpenAIServing):
     async def detokenize(self, request: DetokenizeRequest) -> dict:
         check_ready(self.engine)
         check_model(self.engine, request.model)
-        vocab_size = len(self.tokenizer)
-        if any(not 0 <= token_id < vocab_size for token_id in request.tokens):
-            raise bad_request(f"token ids must be in [0, {vocab_size})", "tokens")
+        check_token_ids(request.tokens, self.engine.vocab_size, "tokens")
         return {"prompt": await self.run_in_tokenizer_thread(self.tokenizer.decode, request.tokens)}
 
     def tokenizer_info(self) -> dict:

@@ -51,7 +51,7 @@ def assert_still_serving(base_url: str) -> None:
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
-    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "Hello " * 300}]}, "messages"),
 ])
 def test_invalid_request_is_400_naming_the_parameter(base_url, path, body, param):
