@@ -126,6 +126,10 @@ class EngineSpec(_Spec):
     num_micro_batches: int | None = Field(default=None, ge=1)  # default: the replica's number of stages
     num_threads_per_worker: int | None = Field(default=None, ge=1)  # default: local cores / local workers
     enable_prefix_caching: bool = True
+    # a step still in flight this long (plus 4x its expected time) means a stalled worker: its replica
+    # is failed over and restarted, as if a worker had died
+    stall_timeout_seconds: float = Field(default=15.0, gt=0)
+    max_restart_attempts: int = Field(default=3, ge=1)  # a replica not back after this many: the engine stops
 
 
 class DeploymentConfig(_Spec):

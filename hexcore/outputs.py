@@ -24,6 +24,15 @@ class ChoiceDelta:
 
 
 @dataclass(frozen=True)
+class RequestError:
+    """Why a request ended without finishing: its replica failed and no other could take it over
+    (`is_retryable`: the service may serve it again soon), or computing one of its steps raised."""
+
+    message: str
+    is_retryable: bool
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     request_id: str
     num_prompt_tokens: int
@@ -31,3 +40,4 @@ class RequestOutput:
     is_finished: bool  # every choice done: the last output of the stream
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only, when asked
     replica: str | None = None  # which replica serves the request
+    error: RequestError | None = None  # set on the last output of a request that failed

@@ -83,34 +83,37 @@ def run(args: argparse.Namespace) -> int:
 
     config = deployment_from_args(args)
     configure_logging(args.log_level)
-    description = resolve(config).describe()  # checks the layout against the model before anything starts
+    deployment = resolve(config)  # checks the layout against the model before anything starts
     sock = bind_socket(config.server.host, config.server.port)
     host, port = sock.getsockname()[:2]
-    print(description, flush=True)
+    print(deployment.describe(), flush=True)
     print(f"listening on http://{host}:{port} (OpenAI API at http://{host}:{port}/v1)", flush=True)
-    return asyncio.run(_serve(config, sock, args.log_level))
+    return asyncio.run(_serve(deployment, sock, args.log_level))
 
 
-async def _serve(config: DeploymentConfig, sock: socket.socket, log_level: str) -> int:
+async def _serve(deployment, sock: socket.socket, log_level: str) -> int:
     from hexcore.engine.async_engine import AsyncEngine  # heavy imports: only when serving, not for every hexgen command
     from server.app import build_app
 
     AppStatus.disable_automatic_graceful_drain()  # let streams finish during the drain
-    engine = AsyncEngine(config)
-    failures: list[BaseException] = []
+    failures: list[str] = []
 
-    def on_start_failure(err: BaseException) -> None:
-        failures.append(err)
-        server.should_exit = True
+    def stop_with(what: str):
+        def stop(err: BaseException) -> None:
+            failures.append(f"{what}: {err}")
+            server.should_exit = True
+        return stop
 
-    app = build_app(engine, api_key=config.server.api_key, on_start_failure=on_start_failure)
+    engine = AsyncEngine(deployment, on_fatal=stop_with("the engine stopped"))
+    app = build_app(engine, api_key=deployment.config.server.api_key,
+                    on_start_failure=stop_with("the engine failed to start"))
     server = _DrainingServer(uvicorn.Config(
         app, log_level=log_level, log_config=None,  # uvicorn logs through our root handler and format
         access_log=False, timeout_graceful_shutdown=DRAIN_SECONDS, lifespan="on",
     ))
     await server.serve(sockets=[sock])
     if failures:
-        print(f"hexgen serve: error: the engine failed to start: {failures[0]}", file=sys.stderr)
+        print(f"hexgen serve: error: {failures[0]}", file=sys.stderr)
         return 1
     return 0
 

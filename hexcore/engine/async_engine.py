@@ -1,7 +1,9 @@
 """The engine for the HTTP server: an asyncio face on EngineCore, which runs in a thread of its own.
 
 The event loop never touches the core: it posts typed commands (add, abort) to the core thread and
-receives RequestOutputs back through per-request asyncio queues.
+receives RequestOutputs back through per-request asyncio queues; the core thread publishes a stats
+snapshot that the event loop reads. A replica's failure is the core's to handle; only when the engine
+stops for good (a replica that cannot be restarted) does every open request fail and `on_fatal` run.
 """
 
 from __future__ import annotations
@@ -9,41 +11,22 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import queue
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from hexcore.config import DeploymentConfig
-from hexcore.engine.client import EngineDead, EngineOverloaded, EngineStats
+from hexcore.engine.client import EngineDead, EngineStats, EngineUnavailable, RequestFailed
 from hexcore.engine.core import EngineCore
-from hexcore.model.files import default_model_name
+from hexcore.executor.deployment import ResolvedDeployment
 from hexcore.outputs import RequestOutput
 from hexcore.sampling_params import SamplingParams
 
 log = logging.getLogger("hexgen.engine")
 
-
-class _Wakeup:
-    """A pipe the core thread waits on beside the worker pipes; any thread may set it."""
-
-    def __init__(self):
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-
-    def fileno(self) -> int:
-        return self._read_fd
-
-    def set(self) -> None:
-        os.write(self._write_fd, b"x")  # atomic: safe from any thread
-
-    def clear(self) -> None:
-        try:
-            while os.read(self._read_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+_STATS_INTERVAL = 0.25  # seconds between the core thread's stats snapshots
 
 
 @dataclass(frozen=True)
@@ -60,21 +43,23 @@ class _Abort:
 
 
 class AsyncEngine:
-    def __init__(self, config: DeploymentConfig):
-        self.config = config
-        self.model_name = config.served_model_name or default_model_name(config.model)
-        self.max_model_len: int = 0
-        self.vocab_size: int = 0
+    def __init__(self, deployment: ResolvedDeployment,
+                 on_fatal: Callable[[BaseException], None] | None = None):
+        self.deployment = deployment
+        self.model_name = deployment.model_name
+        self.max_model_len = deployment.max_model_len
+        self.vocab_size = deployment.dims.vocab_size
         self.tokenizer = None
-        self.deployment = None
+        self._max_waiting = deployment.config.server.max_waiting_requests
+        self._on_fatal = on_fatal
         self._core: EngineCore | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wakeup = _Wakeup()
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._is_stopping = False
         self._error: BaseException | None = None
+        self._stats = EngineStats([])
 
     # lifecycle
     @property
@@ -83,31 +68,21 @@ class AsyncEngine:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self._loop.run_in_executor(None, self._start_core)
+        self._core = await self._loop.run_in_executor(None, EngineCore.launch, self.deployment)
+        self.tokenizer = self._core.tokenizer
+        self._stats = self._core.stats()
         self._thread = threading.Thread(target=self._run, name="hexgen-engine-core", daemon=True)
         self._thread.start()
 
-    def _start_core(self) -> None:
-        from transformers import AutoTokenizer
-
-        from hexcore.executor.deployment import resolve
-
-        self.deployment = resolve(self.config)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.deployment.model_dir)
-        self.max_model_len = self.deployment.max_model_len
-        self.vocab_size = self.deployment.dims.vocab_size
-        self.model_name = self.deployment.model_name
-        core = EngineCore(self.deployment, self.tokenizer)
-        core.start()
-        self._core = core
-
     async def shutdown(self) -> None:
+        """Stop the core thread first, then the workers: no worker's exit looks like a failure."""
         self._is_stopping = True
         self._wake()
+        loop = asyncio.get_running_loop()
         if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+            await loop.run_in_executor(None, self._thread.join, 30)
         if self._core is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._core.shutdown)
+            await loop.run_in_executor(None, self._core.shutdown)
             self._core = None
 
     # requests
@@ -128,6 +103,11 @@ class AsyncEngine:
                 output = await outputs.get()
                 if isinstance(output, BaseException):
                     raise output
+                if output.error is not None:
+                    is_finished = True
+                    if output.error.is_retryable:
+                        raise EngineUnavailable(output.error.message, retry_after_seconds=5.0)
+                    raise RequestFailed(output.error.message)
                 is_finished = output.is_finished
                 yield output
         finally:
@@ -139,7 +119,8 @@ class AsyncEngine:
         self._post(_Abort(request_id))
 
     def stats(self) -> EngineStats:
-        return self._core.stats() if self._core is not None else EngineStats([])
+        """The core thread's latest snapshot (at most _STATS_INTERVAL old)."""
+        return self._stats
 
     # the core thread
     def _post(self, command) -> None:
@@ -147,23 +128,27 @@ class AsyncEngine:
         self._wake()
 
     def _wake(self) -> None:
-        self._wakeup.set()
+        if self._core is not None:
+            self._core.wake()
 
     def _run(self) -> None:
-        core = self._core
+        core, stats_at = self._core, 0.0
         try:
             while not self._is_stopping:
                 self._apply_commands(core)
-                outputs = core.step(timeout=1.0, wakeup=self._wakeup)
-                self._wakeup.clear()
-                for output in outputs:
+                for output in core.step(timeout=1.0, wait_when_idle=True):
                     self._loop.call_soon_threadsafe(self._deliver, output.request_id, output)
-        except BaseException as err:  # a worker died: fail every open request, stop serving
-            log.exception("engine core stopped")
+                if time.monotonic() - stats_at >= _STATS_INTERVAL:
+                    self._stats, stats_at = core.stats(), time.monotonic()
+        except BaseException as err:  # the engine cannot go on: fail every open request, then tell the server
+            log.error("engine stopped: %s", err, exc_info=not isinstance(err, EngineDead))
             self._error = err
+            self._stats = core.stats()
             failure = err if isinstance(err, EngineDead) else EngineDead(str(err))
             for request_id in list(self._queues):
                 self._loop.call_soon_threadsafe(self._deliver, request_id, failure)
+            if self._on_fatal is not None:
+                self._loop.call_soon_threadsafe(self._on_fatal, err)
 
     def _apply_commands(self, core: EngineCore) -> None:
         while True:
@@ -173,9 +158,7 @@ class AsyncEngine:
                 return
             if isinstance(command, _Add):
                 try:
-                    num_waiting = sum(len(r.scheduler.waiting) for r in core.replicas)
-                    if num_waiting >= self.config.server.max_waiting_requests:
-                        raise EngineOverloaded(f"{num_waiting} requests are already waiting; retry later")
+                    core.check_admission(command.params.n, self._max_waiting)
                     core.add_request(command.request_id, command.prompt_token_ids, command.params)
                     command.accepted.set_result(None)
                 except Exception as err:

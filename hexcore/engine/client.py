@@ -18,8 +18,16 @@ class EngineOverloaded(RuntimeError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class EngineUnavailable(EngineOverloaded):
+    """No replica is up (they are restarting): the caller should retry later (HTTP 503 with Retry-After)."""
+
+
 class EngineDead(RuntimeError):
-    """A worker process died: the engine cannot serve any more."""
+    """The engine has stopped for good (a replica could not be restarted): the server exits."""
+
+
+class RequestFailed(RuntimeError):
+    """Computing one of the request's steps raised in a worker; the request cannot be served."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,10 @@ class ReplicaStats:
     num_steps: int
     mean_step_seconds: float
     stage_busy_fraction: list[float] = field(default_factory=list)  # per stage: busy time / wall time
+    is_up: bool = True
+    down_reason: str | None = None  # why it is down (the last failure), while it is
+    num_restarts: int = 0  # times it was started again after a failure
+    num_resumed: int = 0  # requests moved from it to other replicas after its failures
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,16 @@
 `step()` is the whole loop: fill every replica's pipeline (schedule), wait for a step to come back
 from a worker (run), then turn sampled tokens into text, stops and outputs (postprocess).
 It is synchronous and single-threaded; `LLM` drives it directly, `AsyncEngine` from a thread.
+
+When a replica fails (supervisor.py), its requests move to the replicas still up and resume by
+recomputing prompt + the tokens generated so far: their streams go on with no gap or repeat, and the
+sampler, stateless per (seed, token index), draws the same tokens. Where no replica can take a
+request over, it ends with a retryable error; a request whose own step raised ends with an error.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -14,12 +20,14 @@ from multiprocessing.connection import Connection, wait
 
 from hexcore.executor.deployment import ResolvedDeployment
 from hexcore.engine.detokenizer import IncrementalDetokenizer
-from hexcore.engine.client import EngineStats, ReplicaStats
-from hexcore.outputs import ChoiceDelta, RequestOutput, TokenLogprob
+from hexcore.engine.client import EngineOverloaded, EngineStats, EngineUnavailable, ReplicaStats
 from hexcore.engine.replica import Replica, SeqResult
 from hexcore.engine.router import Router
+from hexcore.engine.sequence import Sequence, SequenceStatus
+from hexcore.engine.supervisor import Failure, Supervisor
+from hexcore.executor.replica_workers import WorkerFailure
+from hexcore.outputs import ChoiceDelta, RequestError, RequestOutput, TokenLogprob
 from hexcore.sampling_params import InvalidParameter, SamplingParams
-from hexcore.engine.sequence import Sequence
 
 _STATS_INTERVAL = 1.0
 
@@ -46,6 +54,7 @@ class _Request:
     choices: list[_Choice]
     prompt_logprobs: list[TokenLogprob | None] | None = None
     is_prompt_logprobs_sent: bool = False
+    error: RequestError | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -62,6 +71,8 @@ class EngineCore:
         engine = deployment.config.engine
         self.replicas = [Replica(plan, engine, self.eos_token_ids) for plan in deployment.replicas]
         self.router = Router(self.replicas)
+        self._wakeup = Wakeup()
+        self.supervisor = Supervisor(self.replicas, engine.max_restart_attempts, self._wakeup.set)
         self.requests: dict[str, _Request] = {}
         self._next_seq_id = 0
         self._stats_requested_at = 0.0
@@ -87,8 +98,13 @@ class EngineCore:
         self._conn_owner = {conn: r for r in self.replicas for conn in r.workers.conns}
 
     def shutdown(self) -> None:
+        self.supervisor.stop()
         for replica in self.replicas:
             replica.workers.shutdown()
+
+    def wake(self) -> None:
+        """Make a waiting `step()` return now (safe from any thread)."""
+        self._wakeup.set()
 
     # requests
     @property
@@ -106,6 +122,8 @@ class EngineCore:
                                  seed=base_seed + index, max_tokens=max_tokens))
             self._next_seq_id += 1
         replica = self.router.choose(seqs)
+        if replica is None:
+            raise EngineUnavailable(self._unavailable_reason(), retry_after_seconds=5.0)
         detokenizers = [IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
                         for _ in seqs]
         self.requests[request_id] = _Request(request_id, list(prompt_token_ids), params, seqs, detokenizers, replica,
@@ -135,6 +153,20 @@ class EngineCore:
                                                  f"exceeds the KV cache of the largest replica ({capacity} tokens)")
         return max_tokens
 
+    def check_admission(self, num_seqs: int, max_waiting: int) -> None:
+        """Raise EngineOverloaded when `num_seqs` more sequences would leave more than `max_waiting`
+        waiting beyond the running slots of the replicas up (EngineUnavailable when none is up)."""
+        up = [r for r in self.replicas if r.is_up]
+        if not up:
+            raise EngineUnavailable(self._unavailable_reason(), retry_after_seconds=5.0)
+        num_waiting = sum(r.scheduler.num_unfinished for r in up) + num_seqs - sum(r.scheduler.max_num_seqs for r in up)
+        if num_waiting > max_waiting:
+            raise EngineOverloaded(f"{num_waiting} sequences would wait (at most {max_waiting}); retry later")
+
+    def _unavailable_reason(self) -> str:
+        down = "; ".join(f"{r.name}: {r.down_reason}" for r in self.replicas if not r.is_up)
+        return f"no replica is up ({down})"
+
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self.requests.pop(request_id, None)
         if request is None:
@@ -146,24 +178,81 @@ class EngineCore:
         return self._output(request)
 
     # the loop
-    def step(self, timeout: float | None = None, wakeup=None) -> list[RequestOutput]:
-        """Schedule, wait up to `timeout` for results (or for `wakeup` to become readable), postprocess."""
-        for replica in self.replicas:
-            replica.fill_pipeline()
+    def step(self, timeout: float | None = None, wait_when_idle: bool = False) -> list[RequestOutput]:
+        """Schedule, wait up to `timeout` for results (or for `wake()`), postprocess. With nothing in
+        flight it returns at once unless `wait_when_idle`. Failed replicas are taken down and their
+        requests moved; restarted ones rejoin."""
+        for replica in self.supervisor.poll():
+            self._conn_owner.update({conn: replica for conn in replica.workers.conns})
+        for replica in self._up_replicas():
+            self._guarded(replica, replica.fill_pipeline)
         self._maybe_request_worker_stats()
-        watched = list(self._conn_owner) + ([wakeup] if wakeup is not None else [])
-        if not any(r.in_flight for r in self.replicas) and wakeup is None:
+        now = time.monotonic()
+        for failure in self.supervisor.stalls(now):
+            self._fail(failure)
+        deadline = self.supervisor.next_deadline()
+        if deadline is not None:
+            timeout = max(0.0, deadline - now) if timeout is None else min(timeout, max(0.0, deadline - now))
+        if not any(r.in_flight for r in self.replicas) and not wait_when_idle and not self.supervisor.is_restarting:
             return self._collect_outputs()
+        watched = [*self._conn_owner, self._wakeup]
         for conn in wait(watched, timeout=timeout):
-            if conn is wakeup:
+            replica = self._conn_owner.get(conn)
+            if replica is None or not replica.is_up:
+                continue  # a wake-up, or a worker of a replica that failed in this round
+            try:
+                result = replica.workers.receive(conn)
+            except WorkerFailure as err:
+                self._fail(Failure(replica, str(err), err.step_id))
                 continue
-            replica = self._conn_owner[conn]
-            result = replica.workers.receive(conn)
             if result is not None:
                 for seq_result in replica.complete(result):
                     self._postprocess(seq_result)
-                replica.fill_pipeline()  # refill at once: keep the stages busy
+                self._guarded(replica, replica.fill_pipeline)  # refill at once: keep the stages busy
+        self._wakeup.clear()
         return self._collect_outputs()
+
+    def _up_replicas(self) -> list[Replica]:
+        return [r for r in self.replicas if r.is_up]
+
+    def _guarded(self, replica: Replica, action) -> None:
+        try:
+            action()
+        except WorkerFailure as err:
+            self._fail(Failure(replica, str(err), err.step_id))
+
+    def _fail(self, failure: Failure) -> None:
+        """Take the replica down; move each of its requests to a replica up, or end it with an error."""
+        replica = failure.replica
+        step = replica.in_flight.get(failure.step_id) if failure.step_id is not None else None
+        raised_on = {item.seq.request_id for item in step.scheduled} if step is not None else set()
+        seqs = self.supervisor.fail(failure)
+        self._conn_owner = {conn: r for conn, r in self._conn_owner.items() if r is not replica}
+        by_request: dict[str, list[Sequence]] = {}
+        for seq in seqs:
+            by_request.setdefault(seq.request_id, []).append(seq)
+        for request_id, moved in by_request.items():
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request_id in raised_on:
+                self._end_with_error(request, RequestError(f"computing it failed: {failure.cause}", False))
+                continue
+            target = self.router.choose(moved)
+            if target is None:
+                self._end_with_error(request, RequestError(self._unavailable_reason(), True))
+                continue
+            request.replica = target
+            target.scheduler.add_resumed(moved)
+            replica.num_resumed += 1
+
+    @staticmethod
+    def _end_with_error(request: _Request, error: RequestError) -> None:
+        request.error = error
+        for seq, choice in zip(request.seqs, request.choices):
+            if not seq.is_finished:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+                choice.finish_reason, choice.is_dirty = "abort", True
 
     def _postprocess(self, result: SeqResult) -> None:
         seq = result.seq
@@ -199,7 +288,8 @@ class EngineCore:
         for request in list(self.requests.values()):
             if not any(choice.is_dirty for choice in request.choices):
                 continue
-            if request.prompt_logprobs is not None and len(request.prompt_logprobs) < len(request.prompt_token_ids):
+            if (request.error is None and request.prompt_logprobs is not None
+                    and len(request.prompt_logprobs) < len(request.prompt_token_ids)):
                 continue  # the first output carries the whole prompt's scores
             outputs.append(self._output(request))
             if request.is_finished:
@@ -219,20 +309,20 @@ class EngineCore:
             prompt_logprobs, request.is_prompt_logprobs_sent = request.prompt_logprobs, True
         return RequestOutput(request.request_id, len(request.prompt_token_ids), deltas,
                              is_finished=request.is_finished, prompt_logprobs=prompt_logprobs,
-                             replica=request.replica.name)
+                             replica=request.replica.name, error=request.error)
 
     # stats
     def _maybe_request_worker_stats(self) -> None:
         now = time.monotonic()
         if now - self._stats_requested_at >= _STATS_INTERVAL:
             self._stats_requested_at = now
-            for replica in self.replicas:
-                replica.workers.request_stats()
+            for replica in self._up_replicas():
+                self._guarded(replica, replica.workers.request_stats)
 
     def collect_worker_stats(self) -> None:
         """Refresh every worker's stats now (only while idle: results must not be in flight)."""
         assert not any(r.in_flight for r in self.replicas), "collect_worker_stats() needs an idle engine"
-        for replica in self.replicas:
+        for replica in self._up_replicas():
             for conn in replica.workers.conns:  # drop replies to earlier periodic requests
                 while conn.poll(0.05):
                     replica.workers.receive(conn)
@@ -253,5 +343,27 @@ class EngineCore:
                 num_kv_blocks_used=r.block_manager.num_used_blocks, num_kv_blocks_total=r.block_manager.num_blocks,
                 num_preemptions=r.scheduler.num_preemptions, num_prompt_tokens=m.num_prompt_tokens,
                 num_generated_tokens=m.num_generated_tokens, num_steps=m.num_steps,
-                mean_step_seconds=m.step_seconds / max(1, m.num_steps), stage_busy_fraction=busy))
+                mean_step_seconds=m.step_seconds / max(1, m.num_steps), stage_busy_fraction=busy,
+                is_up=r.is_up, down_reason=r.down_reason, num_restarts=r.num_restarts, num_resumed=r.num_resumed))
         return EngineStats(replicas)
+
+
+class Wakeup:
+    """A pipe the engine loop waits on beside the worker pipes; any thread may set it."""
+
+    def __init__(self):
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def set(self) -> None:
+        os.write(self._write_fd, b"x")  # atomic: safe from any thread
+
+    def clear(self) -> None:
+        try:
+            while os.read(self._read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from hexcore.config import DeploymentConfig
 from hexcore.executor.deployment import resolve
+from hexcore.engine.client import RequestFailed
 from hexcore.engine.core import EngineCore
 from hexcore.outputs import ChoiceDelta, RequestOutput, TokenLogprob
 from hexcore.sampling_params import SamplingParams
@@ -86,6 +87,8 @@ class LLM:
                 self.core.add_request(request_id, prompt_ids, p)
             while not all(result.is_finished for result in results.values()):
                 for output in self.core.step(timeout=1.0):
+                    if output.error is not None:
+                        raise RequestFailed(f"request {output.request_id}: {output.error.message}")
                     results[output.request_id].add(output)
         except BaseException:
             for request_id in ids:

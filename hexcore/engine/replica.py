@@ -25,6 +25,7 @@ class InFlightStep:
     batch: StepBatch
     scheduled: list[ScheduledSeq]
     submitted_at: float
+    deadline: float  # still in flight then: a worker has stalled
 
 
 @dataclass
@@ -37,16 +38,18 @@ class ReplicaMetrics:
     busy_seconds: float = 0.0  # wall time with at least one step in flight
     num_prompt_tokens: int = 0  # prompt tokens computed (prefill work)
     num_generated_tokens: int = 0
+    num_step_tokens: int = 0  # tokens of the completed steps (their expected time scales with it)
     busy_since: float = 0.0
 
     def step_submitted(self, was_idle: bool) -> None:
         if was_idle:
             self.busy_since = time.monotonic()
 
-    def step_completed(self, submitted_at: float, is_idle: bool) -> None:
+    def step_completed(self, step: InFlightStep, is_idle: bool) -> None:
         now = time.monotonic()
         self.num_steps += 1
-        self.step_seconds += now - submitted_at
+        self.num_step_tokens += step.batch.num_tokens
+        self.step_seconds += now - step.submitted_at
         if is_idle:
             self.busy_seconds += now - self.busy_since
 
@@ -62,29 +65,68 @@ class Replica:
     def __init__(self, plan: ResolvedReplica, engine: EngineSpec, eos_token_ids: tuple[int, ...]):
         self.name = plan.name
         self.plan = plan
-        self.block_manager = BlockManager(plan.num_kv_blocks, engine.block_size, engine.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, engine.max_num_seqs, engine.max_num_batched_tokens)
-        self.workers = ReplicaWorkers(plan.workers)
+        self.engine = engine
         self.eos_token_ids = eos_token_ids
         self.num_micro_batches = plan.num_micro_batches
-        self.in_flight: dict[int, InFlightStep] = {}  # by step id, in the order submitted
+        self.workers = ReplicaWorkers(plan.workers)
+        self._new_queues()
         self._next_step_id = 0
         self.metrics = ReplicaMetrics()
         self.step_observers: list[Callable[[StepBatch], None]] = []  # e.g. measurement tools
+        self.is_up = False  # its workers answer: the router may send it requests
+        self.down_reason: str | None = None
+        self.num_restarts = 0
+        self.num_resumed = 0  # requests moved from it to other replicas after its failures
+
+    def _new_queues(self) -> None:
+        engine = self.engine
+        self.block_manager = BlockManager(self.plan.num_kv_blocks, engine.block_size, engine.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, engine.max_num_seqs, engine.max_num_batched_tokens)
+        self.in_flight: dict[int, InFlightStep] = {}  # by step id, in the order submitted
 
     def start(self) -> None:
-        self.workers.start()
-        self._warm_up()
+        self.workers = self.started_workers()
         self.metrics = ReplicaMetrics()
+        self.is_up, self.down_reason = True, None
 
-    def _warm_up(self) -> None:
+    def started_workers(self) -> ReplicaWorkers:
+        """New worker processes for this replica, started and warm (the caller's thread waits)."""
+        workers = ReplicaWorkers(self.plan.workers)
+        workers.start()
+        try:
+            self._warm_up(workers)
+        except BaseException:
+            workers.kill()
+            raise
+        return workers
+
+    def _warm_up(self, workers: ReplicaWorkers) -> None:
         """One token through every stage before any request, so that no request pays the workers'
         first-call costs. Its KV lands in block 0, which nothing holds yet and whose next owner writes
         every position before reading it."""
         greedy = SeqSampling(SamplingParams(temperature=0.0, max_tokens=1), seed=0, num_generated=0)
         step_id = self._take_step_id()
-        self.workers.submit(StepBatch.uniform(1, 1, self.block_manager.block_size, [greedy], step_id=step_id))
-        self.workers.wait_for_result(step_id)
+        workers.submit(StepBatch.uniform(1, 1, self.block_manager.block_size, [greedy], step_id=step_id))
+        workers.wait_for_result(step_id, timeout=600.0)
+
+    def fail(self, reason: str) -> list[Sequence]:
+        """Mark it down and stop its workers at once. Returns its unfinished sequences, holding no
+        blocks, to be recomputed (prompt + tokens so far) wherever they go next."""
+        self.is_up, self.down_reason = False, reason
+        self.workers.kill()
+        seqs = [seq for seq in [*self.scheduler.running, *self.scheduler.waiting] if not seq.is_finished]
+        for seq in seqs:
+            seq.forget_cache()
+        self._new_queues()
+        return seqs
+
+    def expected_step_seconds(self, num_tokens: int) -> float:
+        """From its own completed steps (0 before any)."""
+        m = self.metrics
+        return m.step_seconds / m.num_step_tokens * num_tokens if m.num_step_tokens else 0.0
+
+    def stalled_step(self, now: float) -> InFlightStep | None:
+        return next((step for step in self.in_flight.values() if now > step.deadline), None)
 
     def _take_step_id(self) -> int:
         step_id, self._next_step_id = self._next_step_id, self._next_step_id + 1
@@ -107,11 +149,13 @@ class Replica:
             for observe in self.step_observers:
                 observe(batch)
             self.metrics.step_submitted(was_idle=not self.in_flight)
-            self.in_flight[batch.step_id] = InFlightStep(batch, scheduled, time.monotonic())
+            now = time.monotonic()
+            deadline = now + self.engine.stall_timeout_seconds + 4 * self.expected_step_seconds(batch.num_tokens)
+            self.in_flight[batch.step_id] = InFlightStep(batch, scheduled, now, deadline)
 
     def complete(self, result: StepResult) -> list[SeqResult]:
         step = self.in_flight.pop(result.step_id)
-        self.metrics.step_completed(step.submitted_at, is_idle=not self.in_flight)
+        self.metrics.step_completed(step, is_idle=not self.in_flight)
         results = []
         for item, token, prompt_logprobs in zip(step.scheduled, result.tokens, result.prompt_logprobs):
             seq = item.seq

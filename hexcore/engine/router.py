@@ -31,20 +31,22 @@ class Router:
     def __init__(self, replicas: list[Replica]):
         self.replicas = replicas
 
-    def capacities(self) -> dict[str, float]:
-        predicted = {r.name: r.plan.spec.predicted_throughput_rps for r in self.replicas}
+    def capacities(self, replicas: list[Replica]) -> dict[str, float]:
+        predicted = {r.name: r.plan.spec.predicted_throughput_rps for r in replicas}
         if all(predicted.values()):
             return predicted
-        measured = {r.name: measured_capacity(r) for r in self.replicas}
+        measured = {r.name: measured_capacity(r) for r in replicas}
         if all(measured.values()):
             return measured
-        return {r.name: 1.0 for r in self.replicas}
+        return {r.name: 1.0 for r in replicas}
 
-    def choose(self, seqs: list[Sequence]) -> Replica:
-        """The replica, among those whose KV cache can ever hold the request, with the least expected wait."""
+    def choose(self, seqs: list[Sequence]) -> Replica | None:
+        """The replica, among those up whose KV cache can ever hold the request, with the least expected
+        wait; None when no replica up can hold it."""
         need = max(seq.max_total_tokens() for seq in seqs)
-        fitting = [r for r in self.replicas if r.block_manager.capacity_tokens >= need]
-        assert fitting, "the engine rejects requests no replica can hold before routing them"
+        fitting = [r for r in self.replicas if r.is_up and r.block_manager.capacity_tokens >= need]
+        if not fitting:
+            return None
         work = sum(seq.max_total_tokens() for seq in seqs)
-        capacities = self.capacities()
+        capacities = self.capacities(fitting)
         return min(fitting, key=lambda r: (queued_tokens(r) + work) / capacities[r.name])

@@ -46,6 +46,10 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_resumed(self, seqs: list[Sequence]) -> None:
+        """Sequences moved from a failed replica: ahead of every waiting one, as the oldest."""
+        self.waiting.extendleft(reversed(seqs))
+
     def schedule(self, max_seqs: int) -> list[ScheduledSeq]:
         """A micro-batch of at most `max_seqs` sequences not already in flight."""
         budget = self.max_num_batched_tokens

@@ -59,6 +59,11 @@ class Sequence:
         return (self.index == 0 and self.params.prompt_logprobs is not None
                 and self.num_prompt_logprobs_done < self.num_prompt_tokens - 1)
 
+    def forget_cache(self) -> None:
+        """Its replica failed: nothing of it is cached any more; it waits to be recomputed."""
+        self.block_table, self.block_hashes = [], []
+        self.num_computed_tokens, self.is_in_flight, self.status = 0, False, SequenceStatus.WAITING
+
     def token_ids(self, start: int, end: int) -> list[int]:
         prompt = self.prompt_token_ids
         return (prompt[start:end] if end <= len(prompt)

@@ -9,7 +9,6 @@ from pathlib import Path
 from hexcore.config import DeploymentConfig, Device, ReplicaSpec, check_against_model
 from hexcore.hardware import default_num_threads, distributed_backend, kv_cache_budget_bytes
 from hexcore.model.kv_cache import bytes_per_block
-from hexcore.executor.ports import free_port
 from hexcore.executor.specs import PipelineStage, WorkerSpec
 from hexcore.model.llama import LlamaDims, read_model_config
 from hexcore.model.files import default_model_name, resolve_model_dir
@@ -84,11 +83,9 @@ def resolve(config: DeploymentConfig) -> ResolvedDeployment:
         num_blocks = _num_kv_blocks(config, spec, dims, max_model_len, num_cpu_workers)
         devices = [d for stage in spec.stages for d in stage.devices]
         backend = distributed_backend([Device.parse(d) for d in devices])
-        init_method = f"tcp://127.0.0.1:{free_port()}"
         workers = [WorkerSpec(replica=name, rank=rank, device=device, stages=stages, model_dir=model_dir,
                               dtype=config.dtype, max_model_len=max_model_len, num_kv_blocks=num_blocks,
-                              block_size=config.engine.block_size, num_threads=num_threads,
-                              init_method=init_method, backend=backend)
+                              block_size=config.engine.block_size, num_threads=num_threads, backend=backend)
                    for rank, device in enumerate(devices)]
         micro_batches = config.engine.num_micro_batches or len(spec.stages)
         replicas.append(ResolvedReplica(name, spec, workers, num_blocks, micro_batches))

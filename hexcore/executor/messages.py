@@ -111,3 +111,4 @@ class WorkerFailed:
     label: str
     error: str
     traceback: str = field(default="", repr=False)
+    step_id: int | None = None  # the step it was computing, if any

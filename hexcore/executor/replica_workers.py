@@ -1,23 +1,45 @@
 """The worker processes of one replica, as the driver sees them: spawn, wait until every one is
-ready (or say which one failed and why), broadcast steps, collect results, stop them all."""
+ready (or say which one failed and why), broadcast steps, collect results, stop them all.
+
+Every way a worker can fail reaches the driver as a `WorkerFailure` naming the worker and the cause:
+its exit (code or signal), a broken pipe, or the exception it reported. Each start rendezvouses on a
+fresh port, so a replica can be started again after its workers were killed."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import time
 from multiprocessing.connection import Connection, wait
 
-from hexcore.hardware import WORKER_ENVIRONMENT
-from hexcore.engine.client import EngineDead
 from hexcore.executor.messages import Shutdown, StatsRequest, StepBatch, StepResult, WorkerFailed, WorkerReady, WorkerStats
+from hexcore.executor.ports import free_port
 from hexcore.executor.specs import WorkerSpec
+from hexcore.hardware import WORKER_ENVIRONMENT
 from hexcore.worker.main import worker_main
+
+
+class WorkerFailure(RuntimeError):
+    """A worker of the replica exited, stopped answering, or reported an exception."""
+
+    def __init__(self, spec: WorkerSpec, cause: str, step_id: int | None = None):
+        super().__init__(f"{spec.label}: {cause}")
+        self.spec, self.cause, self.step_id = spec, cause, step_id
 
 
 class WorkerStartupError(RuntimeError):
     pass
+
+
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exited with code {exitcode}"
 
 
 def _context():
@@ -40,6 +62,8 @@ class ReplicaWorkers:
 
     def start(self, timeout: float = 600.0) -> None:
         context = _context()
+        init_method = f"tcp://127.0.0.1:{free_port()}"  # fresh for every start of the replica
+        self.specs = [dataclasses.replace(spec, init_method=init_method) for spec in self.specs]
         for spec in self.specs:
             parent, child = context.Pipe()
             process = context.Process(target=worker_main, args=(spec, child), daemon=True,
@@ -51,7 +75,7 @@ class ReplicaWorkers:
         try:
             self._wait_ready(time.monotonic() + timeout)
         except BaseException:
-            self.shutdown()
+            self.kill()
             raise
 
     def _wait_ready(self, deadline: float) -> None:
@@ -66,7 +90,7 @@ class ReplicaWorkers:
                     process = self.processes[spec.rank]
                     process.join(timeout=5)
                     raise WorkerStartupError(
-                        f"{spec.label} exited with code {process.exitcode} during startup (its stderr above says "
+                        f"{spec.label} {describe_exit(process.exitcode)} during startup (its stderr above says "
                         f"why; a script that starts workers needs an `if __name__ == '__main__':` guard)") from None
                 if isinstance(message, WorkerFailed):
                     raise WorkerStartupError(f"{message.label} failed during startup: {message.error}")
@@ -77,10 +101,13 @@ class ReplicaWorkers:
 
     def submit(self, batch: StepBatch) -> None:
         payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)  # once, for every worker
-        for conn in self.conns:
-            conn.send_bytes(payload)
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send_bytes(payload)
+            except OSError as err:  # a broken pipe: the worker is gone
+                raise self._failure(rank, f"broken pipe ({err.strerror or err})") from None
 
-    def wait_for_result(self, step_id: int, timeout: float = 600.0) -> StepResult:
+    def wait_for_result(self, step_id: int, timeout: float) -> StepResult:
         """Block until step `step_id` comes back (only while no other step is in flight)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -89,27 +116,36 @@ class ReplicaWorkers:
                 if result is not None:
                     assert result.step_id == step_id, "no other step is in flight"
                     return result
-        raise EngineDead(f"step {step_id} did not come back within {timeout:.0f} s")
+        raise WorkerFailure(self.specs[0], f"step {step_id} did not come back within {timeout:.0f} s")
 
     def request_stats(self) -> None:
-        for conn in self.conns:
-            conn.send(StatsRequest())
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send(StatsRequest())
+            except OSError as err:
+                raise self._failure(rank, f"broken pipe ({err.strerror or err})") from None
 
     def receive(self, conn: Connection) -> StepResult | None:
         """Read one message from a worker; results are returned, stats are stored, failures raise."""
+        rank = self.conns.index(conn)
         try:
             message = conn.recv()
         except (EOFError, OSError):
-            rank = self.conns.index(conn)
-            raise EngineDead(f"{self.specs[rank].label} died (exit code {self.processes[rank].exitcode})") from None
+            raise self._failure(rank) from None
         if isinstance(message, WorkerFailed):
-            raise EngineDead(f"{message.label} failed: {message.error}\n{message.traceback}")
+            raise WorkerFailure(self.specs[rank], f"raised {message.error}", message.step_id)
         if isinstance(message, WorkerStats):
             self.stats[message.rank] = message
             return None
         return message
 
+    def _failure(self, rank: int, cause: str | None = None) -> WorkerFailure:
+        process = self.processes[rank]
+        process.join(timeout=1.0)
+        return WorkerFailure(self.specs[rank], cause or describe_exit(process.exitcode))
+
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Ask every worker to stop, then kill those still running after `timeout`."""
         for conn in self.conns:
             try:
                 conn.send(Shutdown())
@@ -118,10 +154,15 @@ class ReplicaWorkers:
         deadline = time.monotonic() + timeout
         for process in self.processes:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.kill()
+
+    def kill(self) -> None:
+        """Stop every worker at once (SIGKILL): after a failure, its peers may be blocked in a collective."""
         for process in self.processes:
             if process.is_alive():
                 process.kill()
-                process.join(timeout=5)
+        for process in self.processes:
+            process.join(timeout=5)
         for conn in self.conns:
             conn.close()
         self.processes, self.conns = [], []

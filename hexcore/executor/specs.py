@@ -34,8 +34,8 @@ class WorkerSpec:
     num_kv_blocks: int
     block_size: int
     num_threads: int
-    init_method: str  # torch.distributed rendezvous, e.g. tcp://127.0.0.1:PORT
     backend: str  # gloo | nccl, chosen for the whole replica by hexcore.hardware
+    init_method: str = ""  # torch.distributed rendezvous, e.g. tcp://127.0.0.1:PORT: set at each start
 
     @property
     def world_size(self) -> int:

@@ -66,14 +66,18 @@ def _send_result(conn, result) -> None:
 def worker_main(spec: WorkerSpec, conn) -> None:
     _die_with_parent()
     _keep_freed_memory()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the driver stops its workers (or PR_SET_PDEATHSIG does)
+        signal.signal(signum, signal.SIG_IGN)
+    step_id = None
     try:
         runner = _build_runner(spec)
         conn.send(WorkerReady(spec.rank))
         while True:
             message = conn.recv()
             if isinstance(message, StepBatch):
+                step_id = message.step_id
                 _send_result(conn, runner.run(message))
+                step_id = None
             elif isinstance(message, StatsRequest):
                 conn.send(runner.stats())
             elif isinstance(message, Shutdown):
@@ -84,7 +88,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         pass  # the driver is gone or stopping
     except BaseException as err:  # report, then exit: the driver decides what happens next
         try:
-            conn.send(WorkerFailed(spec.label, f"{type(err).__name__}: {err}", traceback.format_exc()))
+            conn.send(WorkerFailed(spec.label, f"{type(err).__name__}: {err}", traceback.format_exc(), step_id))
         except (OSError, EOFError):
             pass
     finally:

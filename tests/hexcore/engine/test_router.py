@@ -12,11 +12,11 @@ from hexcore.engine.scheduler import Scheduler
 from hexcore.engine.sequence import Sequence
 
 
-def replica(name: str, predicted: float | None = None, num_blocks: int = 100):
+def replica(name: str, predicted: float | None = None, num_blocks: int = 100, is_up: bool = True):
     blocks = BlockManager(num_blocks, 16)
     spec = SimpleNamespace(predicted_throughput_rps=predicted)
     return SimpleNamespace(name=name, plan=SimpleNamespace(spec=spec), block_manager=blocks,
-                           scheduler=Scheduler(blocks, 64, 512), metrics=ReplicaMetrics())
+                           scheduler=Scheduler(blocks, 64, 512), metrics=ReplicaMetrics(), is_up=is_up)
 
 
 def request(seq_id: int, num_prompt: int = 10, max_tokens: int = 10) -> list[Sequence]:
@@ -54,3 +54,9 @@ def test_measured_throughput_is_used_once_every_replica_has_run():
 def test_a_request_goes_only_where_its_kv_cache_fits():
     small, large = replica("small", predicted=10.0, num_blocks=1), replica("large", predicted=1.0)
     assert Router([small, large]).choose(request(0, num_prompt=20)).name == "large"
+
+
+def test_a_replica_that_is_down_gets_no_request_and_none_up_means_none():
+    up, down = replica("up", predicted=1.0), replica("down", predicted=10.0, is_up=False)
+    assert route(Router([up, down]), 5) == {"up": 5, "down": 0}
+    assert Router([down]).choose(request(0)) is None

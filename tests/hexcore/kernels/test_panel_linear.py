@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hexcore.kernels import panel_linear
+from tests.hexcore.kernels.tolerance import assert_within, matmul_tolerance
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +31,19 @@ def test_matches_f_linear(linear, num_rows, num_out, num_in):
     generator = torch.Generator().manual_seed(num_rows * num_out)
     weight = torch.randn(num_out, num_in, generator=generator)
     x = torch.randn(num_rows, num_in, generator=generator)
-    torch.testing.assert_close(linear(weight)(x), F.linear(x, weight), rtol=1e-4, atol=1e-4)
+    assert_within(linear(weight)(x), F.linear(x, weight), matmul_tolerance(x, weight))
 
 
 def test_more_rows_than_one_pass_holds(linear):
     """Rows are taken in blocks that stay in cache (256 KiB of x: 42 rows at 1536 inputs)."""
     weight, x = torch.randn(50, 1536), torch.randn(100, 1536)
-    torch.testing.assert_close(linear(weight)(x), F.linear(x, weight), rtol=1e-4, atol=1e-4)
+    assert_within(linear(weight)(x), F.linear(x, weight), matmul_tolerance(x, weight))
 
 
 def test_any_leading_shape_any_layout_and_no_rows(linear):
     weight = torch.randn(40, 8)
     x = torch.randn(8, 3, 5).transpose(0, 2)  # [5, 3, 8], not contiguous
-    torch.testing.assert_close(linear(weight)(x), F.linear(x, weight), rtol=1e-4, atol=1e-4)
+    assert_within(linear(weight)(x), F.linear(x, weight), matmul_tolerance(x, weight))
     assert linear(weight)(torch.randn(0, 8)).shape == (0, 40)
 
 
@@ -56,7 +57,7 @@ def test_threads_split_panels_without_changing_the_result(linear):
         two = linear(weight)(x)
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(two, F.linear(x, weight), rtol=1e-4, atol=1e-4)
+    assert_within(two, F.linear(x, weight), matmul_tolerance(x, weight))
     assert torch.equal(one, two)  # each output is summed by one thread in the same order
 
 
