@@ -33,7 +33,9 @@ def torch_device(device: Device) -> torch.device:
 # OpenMP threads that sleep rather than spin while waiting: a worker whose sibling thread is
 # descheduled (a busy machine, or more workers than cores) then loses little instead of most of its
 # speed (figures: BENCHMARKS.md, Engine throughput).
-WORKER_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+# GLOO_SOCKET_IFNAME: gloo binds its sockets to loopback, not to the address the hostname resolves to
+# (a one-host deployment opens nothing to the network).
+WORKER_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE", "GLOO_SOCKET_IFNAME": "lo"}
 
 
 def default_num_threads(num_local_workers: int) -> int:

@@ -25,6 +25,7 @@ from hexcore.engine.replica import Replica, SeqResult
 from hexcore.engine.router import Router
 from hexcore.engine.sequence import Sequence, SequenceStatus
 from hexcore.engine.supervisor import Failure, Supervisor
+from hexcore.executor.rendezvous import Rendezvous
 from hexcore.executor.replica_workers import WorkerFailure
 from hexcore.outputs import ChoiceDelta, RequestError, RequestOutput, TokenLogprob
 from hexcore.sampling_params import InvalidParameter, SamplingParams
@@ -69,7 +70,8 @@ class EngineCore:
         eos = tokenizer.eos_token_id
         self.eos_token_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         engine = deployment.config.engine
-        self.replicas = [Replica(plan, engine, self.eos_token_ids) for plan in deployment.replicas]
+        self.rendezvous = Rendezvous()
+        self.replicas = [Replica(plan, engine, self.eos_token_ids, self.rendezvous) for plan in deployment.replicas]
         self.router = Router(self.replicas)
         self._wakeup = Wakeup()
         self.supervisor = Supervisor(self.replicas, engine.max_restart_attempts, self._wakeup.set)
@@ -101,6 +103,7 @@ class EngineCore:
         self.supervisor.stop()
         for replica in self.replicas:
             replica.workers.shutdown()
+        self.rendezvous.close()
 
     def wake(self) -> None:
         """Make a waiting `step()` return now (safe from any thread)."""

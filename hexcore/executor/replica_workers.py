@@ -3,7 +3,8 @@ ready (or say which one failed and why), broadcast steps, collect results, stop 
 
 Every way a worker can fail reaches the driver as a `WorkerFailure` naming the worker and the cause:
 its exit (code or signal), a broken pipe, or the exception it reported. Each start rendezvouses on a
-fresh port, so a replica can be started again after its workers were killed."""
+fresh key prefix of the driver's store, so a replica can be started again after its workers were
+killed."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 from multiprocessing.connection import Connection, wait
 
 from hexcore.executor.messages import Shutdown, StatsRequest, StepBatch, StepResult, WorkerFailed, WorkerReady, WorkerStats
-from hexcore.executor.ports import free_port
+from hexcore.executor.rendezvous import Rendezvous
 from hexcore.executor.specs import WorkerSpec
 from hexcore.hardware import WORKER_ENVIRONMENT
 from hexcore.worker.main import worker_main
@@ -54,16 +55,18 @@ def _context():
 
 
 class ReplicaWorkers:
-    def __init__(self, specs: list[WorkerSpec]):
+    def __init__(self, specs: list[WorkerSpec], rendezvous: Rendezvous):
         self.specs = specs
+        self.rendezvous = rendezvous
         self.processes: list[mp.Process] = []
         self.conns: list[Connection] = []
         self.stats: dict[int, WorkerStats] = {}
 
     def start(self, timeout: float = 600.0) -> None:
         context = _context()
-        init_method = f"tcp://127.0.0.1:{free_port()}"  # fresh for every start of the replica
-        self.specs = [dataclasses.replace(spec, init_method=init_method) for spec in self.specs]
+        prefix = self.rendezvous.new_prefix(self.specs[0].replica)
+        self.specs = [dataclasses.replace(spec, store_address=self.rendezvous.address, store_prefix=prefix)
+                      for spec in self.specs]
         for spec in self.specs:
             parent, child = context.Pipe()
             process = context.Process(target=worker_main, args=(spec, child), daemon=True,

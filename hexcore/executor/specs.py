@@ -35,7 +35,8 @@ class WorkerSpec:
     block_size: int
     num_threads: int
     backend: str  # gloo | nccl, chosen for the whole replica by hexcore.hardware
-    init_method: str = ""  # torch.distributed rendezvous, e.g. tcp://127.0.0.1:PORT: set at each start
+    store_address: str = ""  # host:port of the driver's c10d store (executor/rendezvous.py): set at each start
+    store_prefix: str = ""  # this start's keys in it
 
     @property
     def world_size(self) -> int:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from hexcore.config import Device
 from hexcore.hardware import check_available, torch_device
+from hexcore.executor.rendezvous import join_store
 from hexcore.executor.messages import Shutdown, StatsRequest, StepBatch, WorkerFailed, WorkerReady
 from hexcore.executor.specs import WorkerSpec
 from hexcore.model.parallel import TPGroup
@@ -47,8 +48,9 @@ def _build_runner(spec: WorkerSpec) -> StageRunner:
     torch.set_num_threads(spec.num_threads)
     if device.is_cuda:
         torch.cuda.set_device(device.index)
-    dist.init_process_group(spec.backend, init_method=spec.init_method, rank=spec.rank,
-                            world_size=spec.world_size, timeout=_STARTUP_TIMEOUT)
+    store = join_store(spec.store_address, spec.store_prefix, _STARTUP_TIMEOUT)
+    dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.world_size,
+                            timeout=_STARTUP_TIMEOUT)
     tp = None
     for stage in spec.stages:  # every rank creates every group, in the same order
         group = dist.new_group(list(stage.ranks)) if stage.tp > 1 else None
