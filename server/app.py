@@ -56,8 +56,14 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class ReplicaHealth(BaseModel):
+    is_up: bool
+    reason: str | None = None  # why it is down (its last failure), while it is
+
+
 class HealthStatus(BaseModel):
-    status: str  # "ok" or "loading"
+    status: str  # "ok", "loading" or "unavailable" (no replica up)
+    replicas: dict[str, ReplicaHealth] = {}
 
 
 def _errors(*statuses: int) -> dict:
@@ -131,14 +137,20 @@ async def retrieve_model(model_id: str, raw_request: Request) -> dict:
 
 @router.get(
     "/health", response_model=HealthStatus,
-    responses={200: {"description": "Ready"}, 503: {"model": HealthStatus, "description": "Model still loading"}},
+    responses={200: {"description": "Serving: at least one replica is up"},
+               503: {"model": HealthStatus, "description": "Loading, or no replica up (see `replicas`)"}},
 )
 async def health(raw_request: Request) -> Response:
-    """Open even with an API key. `{"status": "ok"}` (200) once the model is loaded, else
-    `{"status": "loading"}` (503, Retry-After)."""
-    if _state(raw_request).engine.is_ready:
-        return JSONResponse({"status": "ok"})
-    return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+    """Open even with an API key. 200 `{"status": "ok", "replicas": {...}}` while a replica is up; 503
+    with Retry-After while the model loads (`loading`) or while every replica is down and restarting
+    (`unavailable`, each replica with the reason it is down)."""
+    engine = _state(raw_request).engine
+    if not engine.is_ready:
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+    replicas = {r.name: ReplicaHealth(is_up=r.is_up, reason=r.down_reason) for r in engine.stats().replicas}
+    is_up = any(r.is_up for r in replicas.values()) or not replicas
+    body = HealthStatus(status="ok" if is_up else "unavailable", replicas=replicas).model_dump()
+    return JSONResponse(body, status_code=200 if is_up else 503, headers={} if is_up else {"Retry-After": "5"})
 
 
 @router.get(

@@ -52,7 +52,7 @@ class APIError(Exception):
         if self.status == 413:
             return "too_large"
         if self.status == 503:
-            return "not_ready" if self.code == "model_loading" else "overloaded"
+            return {"model_loading": "not_ready", "service_unavailable": "unavailable"}.get(self.code, "overloaded")
         if 400 <= self.status < 500:
             return "invalid_request"
         return None

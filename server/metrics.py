@@ -17,7 +17,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 UNKNOWN_REPLICA = "unknown"
 # why a request was refused before any work (hexgen_requests_rejected_total{reason}); see APIError.rejection_reason
-REJECTION_REASONS = ("invalid_request", "unauthorized", "too_large", "overloaded", "not_ready")
+REJECTION_REASONS = ("invalid_request", "unauthorized", "too_large", "overloaded", "not_ready", "unavailable")
 
 
 class _EngineStatsCollector:
@@ -34,6 +34,10 @@ class _EngineStatsCollector:
             "hexgen_stage_busy_ratio", "Busy time / wall time of each pipeline stage", labels=["replica", "stage"]
         )
         preemptions = CounterMetricFamily("hexgen_num_preemptions", "Requests preempted", labels=["replica"])
+        up = GaugeMetricFamily("hexgen_replica_up", "1 while the replica serves, 0 while it is down", labels=["replica"])
+        restarts = CounterMetricFamily("hexgen_replica_restarts", "Restarts after a failure", labels=["replica"])
+        resumed = CounterMetricFamily("hexgen_requests_resumed", "Requests moved to other replicas after the replica "
+                                      "failed", labels=["replica"])
         if self._engine.is_ready:
             try:
                 replicas = self._engine.stats().replicas
@@ -45,9 +49,12 @@ class _EngineStatsCollector:
                 waiting.add_metric([replica.name], replica.num_waiting)
                 kv_usage.add_metric([replica.name], replica.num_kv_blocks_used / max(replica.num_kv_blocks_total, 1))
                 preemptions.add_metric([replica.name], replica.num_preemptions)
+                up.add_metric([replica.name], 1.0 if replica.is_up else 0.0)
+                restarts.add_metric([replica.name], replica.num_restarts)
+                resumed.add_metric([replica.name], replica.num_resumed)
                 for stage, fraction in enumerate(replica.stage_busy_fraction):
                     busy.add_metric([replica.name, str(stage)], fraction)
-        yield from (running, waiting, kv_usage, busy, preemptions)
+        yield from (running, waiting, kv_usage, busy, preemptions, up, restarts, resumed)
 
 
 class ServerMetrics:

@@ -14,7 +14,7 @@ from fastapi import Request
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from hexcore.engine.client import EngineClient, EngineOverloaded
+from hexcore.engine.client import EngineClient, EngineDead, EngineOverloaded, EngineUnavailable
 from hexcore.sampling_params import InvalidParameter, SamplingParams
 from server.errors import APIError, bad_request, internal_error
 from server.generation import Generation
@@ -36,6 +36,11 @@ def as_api_error(err: Exception) -> APIError:
         return err
     if isinstance(err, InvalidParameter):
         return bad_request(str(err), err.param)
+    if isinstance(err, EngineDead):
+        return APIError(503, f"the engine has stopped: {err}", code="service_unavailable")
+    if isinstance(err, EngineUnavailable):
+        retry_after = str(max(1, math.ceil(err.retry_after_seconds)))
+        return APIError(503, f"service unavailable: {err}", code="service_unavailable", headers={"Retry-After": retry_after})
     if isinstance(err, EngineOverloaded):
         retry_after = str(max(1, math.ceil(err.retry_after_seconds)))
         return APIError(503, f"server overloaded: {err}", code="server_overloaded", headers={"Retry-After": retry_after})

@@ -73,20 +73,13 @@ FULL = Budget(
     engine_layer_counts=(30, 10),
     num_engine_reps=10,
 )
-QUICK = Budget(
-    matmul_size=512,
-    scan_bytes=32 << 20,
-    layer_flush_bytes=32 << 20,
-    num_compute_reps=3,
-    num_layer_reps=10,
+QUICK = dataclasses.replace(  # smaller and fewer of everything
+    FULL,
+    matmul_size=512, scan_bytes=32 << 20, layer_flush_bytes=32 << 20, num_compute_reps=3, num_layer_reps=10,
     decode_batch_sizes=(1,),
     link_sizes=(4 << 10, 4 << 20, 16 << 20),  # wide enough that transfer time beats gloo latency noise
-    num_link_reps=10,
-    link_worker_counts=(2,),
-    is_thread_sweep=False,
-    engine_shapes=QUICK_SHAPES,
-    engine_layer_counts=(4, 2),
-    num_engine_reps=2,
+    num_link_reps=10, link_worker_counts=(2,), is_thread_sweep=False,
+    engine_shapes=QUICK_SHAPES, engine_layer_counts=(4, 2), num_engine_reps=2,
 )
 
 

@@ -8,9 +8,6 @@ import asyncio
 import json
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,51 +17,18 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from tests.conftest import deployment
 from hexcore.executor.ports import free_port
+from server.serve_process import ServeProcess
+from tests.conftest import deployment
 
 pytestmark = pytest.mark.slow  # starts worker processes
 
-REPO = Path(__file__).resolve().parents[2]
 API_KEY = "e2e-key"
 STAGES = [(2, 5), (1, 3)]  # (TP degree, layers): asymmetric in both
 
 
-class ServerProcess:
-    def __init__(self, config_path: Path, port: int):
-        self.url = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.entrypoint", "serve", "--config", str(config_path), "--port", str(port),
-             "--api-key", API_KEY, "--log-level", "warning"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.lines: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def wait_healthy(self, seconds: float = 120) -> None:
-        deadline = time.monotonic() + seconds
-        while True:
-            assert self.process.poll() is None, "server exited:\n" + "".join(self.lines)
-            assert time.monotonic() < deadline, "server not healthy in time:\n" + "".join(self.lines)
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise
+def ServerProcess(config_path: Path, port: int) -> ServeProcess:
+    return ServeProcess(config_path, port, "--api-key", API_KEY, "--log-level", "warning")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ every route that does model or tokenizer work, and the OpenAPI schema lists what
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from hexcore.engine.client import EngineStats
 from server.app import build_app
 from server.limits import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from tests.server.conftest import serve_in_thread
@@ -332,7 +334,7 @@ def test_rejections_are_counted_apart_from_finishes(tiny_tokenizer):
         finished = metric_values(client, "hexgen_request_success_total")
     assert rejected == {
         '{reason="invalid_request"}': 3.0, '{reason="unauthorized"}': 1.0, '{reason="too_large"}': 1.0,
-        '{reason="overloaded"}': 1.0, '{reason="not_ready"}': 0.0,
+        '{reason="overloaded"}': 1.0, '{reason="not_ready"}': 0.0, '{reason="unavailable"}': 0.0,
     }
     assert finished == {'{finish_reason="length",replica="r0"}': 1.0}  # no abort, no replica="unknown"
 
@@ -350,8 +352,20 @@ def test_loading_is_counted_as_not_ready(tiny_tokenizer):
 
 def test_health_is_json(client):
     response = client.get("/health")
-    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "replicas": {"r0": {"is_up": True, "reason": None}}}
     assert response.headers["content-type"] == "application/json"
+
+
+def test_with_no_replica_up_health_says_which_are_down_and_why(tiny_tokenizer, monkeypatch):
+    engine = FakeEngine(tiny_tokenizer)
+    with TestClient(build_app(engine)) as client:
+        down = dataclasses.replace(engine.stats().replicas[0], is_up=False, down_reason="rank 0 killed by SIGKILL")
+        monkeypatch.setattr(engine, "stats", lambda: EngineStats([down]))
+        response = client.get("/health")
+        assert response.status_code == 503 and response.headers["retry-after"] == "5"
+        assert response.json() == {"status": "unavailable",
+                                   "replicas": {"r0": {"is_up": False, "reason": "rank 0 killed by SIGKILL"}}}
 
 
 def test_openapi_documents_the_errors_and_no_422(client):

@@ -127,7 +127,7 @@ def test_api_key_required_on_v1_when_configured(tiny_tokenizer):
 
 
 def test_health_is_503_until_the_engine_is_ready(tiny_tokenizer):
-    engine = FakeEngine(tiny_tokenizer, startup_seconds=0.5)
+    engine = FakeEngine(tiny_tokenizer, startup_seconds=3.0)  # long enough for four requests on a loaded machine
     with serve_in_thread(engine, wait_ready=False) as url:
         assert httpx.get(f"{url}/health").status_code == 503
         assert_error(httpx.post(f"{url}/v1/completions", json=GOOD), 503)
