@@ -112,7 +112,7 @@ def test_builtin_models_and_hf_config(tmp_path):
         load_model("gpt-5")
 
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def test_shipped_configs_load_and_match_the_paper_pools():
