@@ -67,7 +67,7 @@ def test_case_study_one_replica_plan_and_symmetric_refusal(tmp_path, capsys):
                        "-o", str(out_file), "--one-replica", "--json")
     assert code == 0
     (replica,) = json.loads(out)["replicas"]
-    assert sorted((s["tp"], s["layers"]) for s in replica["stages"]) == [(2, 15), (2, 24), (4, 41)]
+    assert sorted((s["tp"], s["layers"]) for s in replica["stages"]) == [(2, 14), (2, 24), (4, 42)]
     assert "# built-in planner model" in out_file.read_text()
     code, _, err = run(capsys, "plan", "--cluster", CASE_STUDY, "--model", "llama-2-70b", "--workload", CASE_WORKLOAD,
                        "-o", str(tmp_path / "sym.yaml"), "--one-replica", "--symmetric")

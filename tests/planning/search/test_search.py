@@ -26,7 +26,7 @@ SMALL_POOLS = [  # (pool, model, workload): up to 6 devices, mixed types, sites 
      WorkloadSpec(rate=4, trace=[[64, 32], [128, 64]], slo_seconds=0.9, num_requests=40)),
     (cluster(("a", "x", "RTX3090Ti", 3), ("b", "y", "A5000", 3),
              inter_site={"bandwidth_gbps": 0.5, "latency_ms": 40}), "llama-2-13b",
-     WorkloadSpec(rate=3, prompt_len=64, output_len=64, slo_seconds=1.2, num_requests=40)),
+     WorkloadSpec(rate=3, prompt_len=64, output_len=64, slo_seconds=1.0, num_requests=40)),
     (cluster(("a", "x", "T4", 2), ("b", "x", "T4", 2), ("c", "y", "A4000", 2)), "llama-3-8b",
      WorkloadSpec(rate=8, prompt_len=32, output_len=32, slo_seconds=0.6, num_requests=40)),
 ]
