@@ -32,7 +32,7 @@ from planning.search.replica_dp import Group, ReplicaLayout, ReplicaPlanner
 from planning.inputs.models import ModelSpec
 from planning.placement import DeploymentPlan, ReplicaPlan, StagePlan
 from planning.cost.replica_cost import ReplicaCost, replica_cost
-from planning.simulate.capacity import saturated_throughput_rps
+from planning.simulate.capacity import saturated_throughput_rps, unloaded_latency_s
 from planning.simulate.simulator import Predicted, simulate
 from planning.inputs.workload import WorkloadSpec, make_requests
 
@@ -72,6 +72,7 @@ class PartitionScorer:
         self._fitness: dict[Partition, tuple[Fitness, Predicted | None]] = {}
         self._capacity: dict[Group, float] = {}
         self._cost: dict[Group, ReplicaCost] = {}
+        self._layout: dict[Group, ReplicaLayout | None] = {}
         self.best_fitness: Fitness = INFEASIBLE
         self.num_simulated = 0
 
@@ -80,23 +81,36 @@ class PartitionScorer:
         return len(self._fitness)
 
     def layouts(self, partition: Partition) -> list[tuple[Group, ReplicaLayout]]:
-        """The feasible groups of the partition with their DP layouts."""
-        return [(g, layout) for g in partition if (layout := self.replica_planner.best(g)) is not None]
+        """The feasible groups of the partition with their layouts."""
+        return [(g, layout) for g in partition if (layout := self.layout(g)) is not None]
+
+    def layout(self, group: Group) -> ReplicaLayout | None:
+        """Of the DP's shortlist (round times within a few % of the shortest), the layout that serves
+        the workload's longest request alone within the deadline, then carries the most load
+        (simulated saturated throughput), then comes first."""
+        if group not in self._layout:
+            best, best_key = None, None
+            for i, layout in enumerate(self.replica_planner.shortlist(group)):
+                (replica,) = self.to_plan([(group, layout)]).replicas
+                cost = replica_cost(self.cluster, self.model, replica, self.engine)
+                capacity = saturated_throughput_rps(cost, self.workload)
+                key = (unloaded_latency_s(cost, self.workload) <= self.workload.slo_seconds, capacity, -i)
+                if best_key is None or key > best_key:
+                    best, best_key = layout, key
+                    self._cost[group], self._capacity[group] = cost, capacity
+            self._layout[group] = best
+        return self._layout[group]
 
     def fitness(self, partition: Partition) -> Fitness:
         return self.evaluate(partition)[0]
 
     def capacity(self, group: Group) -> float:
-        """Saturated throughput (req/s) of the group's replica as the DP lays it out."""
-        if group not in self._capacity:
-            self._capacity[group] = saturated_throughput_rps(self.group_cost(group), self.workload)
+        """Saturated throughput (req/s) of the group's replica as laid out (a feasible group)."""
+        self.layout(group)
         return self._capacity[group]
 
     def group_cost(self, group: Group) -> ReplicaCost:
-        if group not in self._cost:
-            layout = self.replica_planner.best(group)
-            (replica,) = self.to_plan([(group, layout)]).replicas
-            self._cost[group] = replica_cost(self.cluster, self.model, replica, self.engine)
+        self.layout(group)
         return self._cost[group]
 
     def evaluate(self, partition: Partition) -> tuple[Fitness, Predicted | None]:
@@ -116,11 +130,17 @@ class PartitionScorer:
         best = self.best_fitness
         if bound < best[0] or (bound == best[0] and total < best[1]):
             return (bound, total, float("-inf")), None
-        self.num_simulated += 1
-        predicted = simulate(self.costs(layouts), self.search_workload, self.requests, capacities)
-        fitness = (_quantize(predicted.slo_attainment * share), total, -predicted.mean_latency_s)
+        fitness, predicted = self.score(self.costs(layouts), capacities)
         self.best_fitness = max(best, fitness)
         return fitness, predicted
+
+    def score(self, costs: list[ReplicaCost], capacities: list[float]) -> tuple[Fitness, Predicted]:
+        """The fitness of any set of replicas, simulated on the search's trace (no pruning)."""
+        self.num_simulated += 1
+        total = sum(capacities)
+        predicted = simulate(costs, self.search_workload, self.requests, capacities)
+        share = min(1.0, total / self.workload.rate)
+        return (_quantize(predicted.slo_attainment * share), total, -predicted.mean_latency_s), predicted
 
     def capacities(self, layouts: list[tuple[Group, ReplicaLayout]]) -> list[float]:
         return [self.capacity(g) for g, _ in layouts]

@@ -32,6 +32,8 @@ from planning.cost.replica_cost import ReferenceStep, mixture_round_time
 
 Group = tuple[tuple[int, int], ...]  # sorted (node index, device count) pairs: a replica's device set
 MAX_TP_CHOICES = 128  # TP-group combinations evaluated per replica before restricting per-node options
+SHORTLIST_MARGIN = 0.10  # layouts this close to the shortest round time are sized by simulation
+SHORTLIST_SIZE = 3
 
 
 @dataclass(frozen=True)
@@ -57,21 +59,24 @@ class ReplicaPlanner:
         self.cluster, self.model, self.engine = cluster, model, engine
         self.prompt_len, self.output_len, self.max_total_len = prompt_len, output_len, max_total_len
         self.is_symmetric = is_symmetric
-        self._cache: dict[Group, ReplicaLayout | None] = {}
+        self._cache: dict[Group, list[ReplicaLayout]] = {}
 
     def best(self, group: Group) -> ReplicaLayout | None:
         """The layout with the shortest round time, or None when no layout fits in memory."""
+        shortlist = self.shortlist(group)
+        return shortlist[0] if shortlist else None
+
+    def shortlist(self, group: Group) -> list[ReplicaLayout]:
+        """Layouts within SHORTLIST_MARGIN of the shortest round time (at most SHORTLIST_SIZE), shortest
+        first: the candidates the scorer sizes by simulation (planning.search.partitions)."""
         if group not in self._cache:
-            self._cache[group] = self._solve(group) if self._may_fit(group) else None
+            self._cache[group] = self._best_of(self._choices(group)) if self._may_fit(group) else []
         return self._cache[group]
 
     def _may_fit(self, group: Group) -> bool:
         """Early pruning: the group's usable memory must at least hold the weights."""
         usable = sum(self.cluster.nodes[n].device.memory_bytes * c for n, c in group) * USABLE_MEMORY_FRACTION
         return usable >= self.model.weight_bytes
-
-    def _solve(self, group: Group) -> ReplicaLayout | None:
-        return self._best_of(self._choices(group))
 
     def every_layout(self, group: Group) -> list[ReplicaLayout]:
         """Every stage structure the DP considers for the group, each with its best layer counts
@@ -106,25 +111,25 @@ class ReplicaPlanner:
             for combo in itertools.product(*(options[n] for n in nodes))
         ]
 
-    def _best_of(self, choices: list[list[tuple[int, int]]]) -> ReplicaLayout | None:
+    def _best_of(self, choices: list[list[tuple[int, int]]]) -> list[ReplicaLayout]:
         """Branch and bound: choices in order of a lower bound on their round time, each laid out by
-        the DP until the bound exceeds the best found. Ties (to the nanosecond, below float noise) go
-        to fewer stages, then to the first listed."""
+        the DP until the bound exceeds the shortlist's margin over the best found. Ties (to the
+        nanosecond, below float noise) go to fewer stages, then to the first listed."""
         for reserve in (self.engine.max_num_seqs, 1):  # KV room for a full batch; else for one request
             terms = [self._stage_terms(stages, reserve * self.max_total_len) for stages in choices]
             order = sorted(range(len(choices)), key=lambda i: terms[i].lower_bound)
-            best, best_key = None, None
+            found: dict[ReplicaLayout, tuple] = {}
             for i in order:
-                if best is not None and terms[i].lower_bound > best.round_seconds + 1e-9:
+                if found and terms[i].lower_bound > min(found.values())[0] * (1 + SHORTLIST_MARGIN) + 1e-9:
                     break
                 layout = self._layout(choices[i], terms[i])
-                if layout is not None:
-                    key = (round(layout.round_seconds, 9), len(layout.stages), i)
-                    if best_key is None or key < best_key:
-                        best, best_key = layout, key
-            if best is not None:
-                return best
-        return None
+                if layout is not None and layout not in found:
+                    found[layout] = (round(layout.round_seconds, 9), len(layout.stages), i)
+            if found:
+                ranked = sorted(found, key=found.get)
+                limit = ranked[0].round_seconds * (1 + SHORTLIST_MARGIN) + 1e-9
+                return [layout for layout in ranked if layout.round_seconds <= limit][:SHORTLIST_SIZE]
+        return []
 
     def _symmetric_choices(self, nodes: list[int], counts: dict[int, int]) -> list[list[tuple[int, int]]]:
         """Every stage with the same TP degree (and, in _layout, the same layer count)."""

@@ -1,7 +1,8 @@
 """How much load a replica and a plan carry, measured with the simulator (so that the figures agree with it).
 
-- saturated_throughput_rps: a replica alone under a queue that never empties (arrivals at twice the cost
-  model's estimate): requests finished per second between the first and third quarter of completions.
+- saturated_throughput_rps: a replica alone under a queue (arrivals at twice the cost model's
+  estimate): requests finished per second from the first fifth of completions to the last one before
+  the queue runs dry.
   It is what the replica delivers once requests wait, which is what decides whether a queue grows:
   hexcore's fill rule (planning.simulate.simulator) then puts every idle sequence in one micro-batch,
   so a pipelined replica runs below the cost model's evenly-filled estimate (ReplicaCost.throughput_rps).
@@ -17,10 +18,10 @@ import math
 from functools import lru_cache
 
 from planning.cost.replica_cost import ReplicaCost
-from planning.inputs.workload import WorkloadSpec, make_requests
+from planning.inputs.workload import Request, WorkloadSpec, make_requests
 from planning.simulate.simulator import simulate, simulate_finish_times
 
-NUM_SATURATION_REQUESTS = 400
+NUM_SATURATION_REQUESTS = 300
 TARGET_ATTAINMENT = 0.9
 SUSTAIN_WINDOW_S = 60.0
 NUM_BISECTIONS = 6
@@ -41,10 +42,18 @@ def _saturated(cost: ReplicaCost, length_pairs: tuple[tuple[int, int], ...]) -> 
     burst = WorkloadSpec(rate=2 * estimate, trace=list(length_pairs), slo_seconds=1.0,
                          num_requests=NUM_SATURATION_REQUESTS)
     finish = sorted(simulate_finish_times(cost, burst, make_requests(burst)))
-    first, last = len(finish) // 4, 3 * len(finish) // 4
+    # after the ramp-up, and while requests still wait (the last max_num_seqs are admitted to an empty queue)
+    first, last = len(finish) // 5, len(finish) - cost.engine.max_num_seqs - 1
     if last <= first or finish[last] <= finish[first]:
         return estimate
     return (last - first) / (finish[last] - finish[first])
+
+
+def unloaded_latency_s(cost: ReplicaCost, workload: WorkloadSpec) -> float:
+    """End-to-end latency of the workload's longest request served alone on the replica."""
+    prompt_len, output_len = max(workload.length_pairs, key=sum)
+    alone = WorkloadSpec(rate=1.0, prompt_len=prompt_len, output_len=output_len, slo_seconds=1.0, num_requests=1)
+    return simulate([cost], alone, [Request(0.0, prompt_len, output_len)], capacities=[1.0]).p50_latency_s
 
 
 def max_sustainable_rate(costs: list[ReplicaCost], workload: WorkloadSpec, capacities: list[float]) -> float:
