@@ -23,7 +23,7 @@ from planning.simulate.simulator import simulate, simulate_finish_times
 
 NUM_SATURATION_REQUESTS = 300
 TARGET_ATTAINMENT = 0.9
-SUSTAIN_WINDOW_S = 60.0
+SUSTAIN_WINDOW_S = 30.0
 NUM_BISECTIONS = 6
 
 
