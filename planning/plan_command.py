@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--generations", type=int, default=defaults.generations, help="maximum generations")
     plan.add_argument("--elites", type=int, default=defaults.num_elites, help="best candidates kept unchanged")
     plan.add_argument("--patience", type=int, default=defaults.patience, help="stop after N generations without gain")
-    plan.add_argument("--sim-requests", type=int, default=64, help="requests simulated per candidate (default 64)")
+    plan.add_argument("--sim-requests", type=int, default=64,
+                      help="requests simulated per candidate, at least (default 64; the search simulates at least "
+                           "two deadlines of arrivals at the workload's rate, up to 3000)")
     plan.add_argument("--symmetric", action="store_true", help="only symmetric replicas (same TP, same layers per stage)")
     plan.add_argument("--one-replica", action="store_true", help="one replica over every device (no genetic search)")
     plan.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -86,9 +88,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     cluster, workload, model = load_cluster(args.cluster), load_workload(args.workload), load_model(args.model)
     evaluation = evaluate_deployment(cluster, model, load_config(args.plan), workload)
     if args.json:
-        print(json.dumps(evaluation.predicted.summary()))
+        print(json.dumps({**evaluation.predicted.summary(),
+                          "max_sustainable_rate_rps": round(evaluation.max_sustainable_rate_rps, 3)}))
     else:
         print(_describe(evaluation.predicted, workload))
+        print(_sustainable(evaluation.max_sustainable_rate_rps, workload))
         for i, rps in enumerate(evaluation.replica_throughputs_rps):
             print(f"replica r{i}: predicted saturated throughput {rps:.2f} req/s")
     return 0
@@ -105,6 +109,7 @@ def plan_json(config: DeploymentConfig, result: SearchResult) -> dict:
             for replica, rps in zip(config.replicas, result.replica_throughputs_rps)
         ],
         "predicted": result.predicted.summary(),
+        "max_sustainable_rate_rps": round(result.max_sustainable_rate_rps, 3),
         "search_seconds": round(result.search_seconds, 3),
     }
 
@@ -119,6 +124,11 @@ def _describe(predicted: Predicted, workload: WorkloadSpec) -> str:
     )
 
 
+def _sustainable(rate: float, workload: WorkloadSpec) -> str:
+    return (f"highest sustainable rate: {rate:.2f} req/s at the {workload.slo_seconds:g} s deadline "
+            f"(steady state, >= 90% attainment)")
+
+
 def _header(args, cluster: Cluster, workload: WorkloadSpec, result: SearchResult) -> list[str]:
     today = datetime.date.today().isoformat()
     used = sum(len(r.devices) for r in result.plan.replicas)
@@ -127,6 +137,7 @@ def _header(args, cluster: Cluster, workload: WorkloadSpec, result: SearchResult
         f"{used} of {cluster.num_devices} devices used in {len(result.plan.replicas)} replicas; "
         f"search {result.search_seconds:.1f} s over {result.num_evaluated} partitions",
         _describe(result.predicted, workload),
+        _sustainable(result.max_sustainable_rate_rps, workload),
     ]
     for i, (replica, rps) in enumerate(zip(result.plan.replicas, result.replica_throughputs_rps)):
         tps = "/".join(str(s.tp) for s in replica.stages)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hexcore.config import EngineSpec
@@ -22,9 +23,8 @@ from planning.placement import ReplicaPlan
 
 @dataclass(frozen=True)
 class ReferenceStep:
-    """The average micro-batch step of a saturated replica: `micro_batch` sequences decoding one token
-    each, plus their share of prefill (each sequence prefills `prompt_len` tokens per `output_len`
-    decoded), at the mean context `prompt_len + output_len / 2`."""
+    """One micro-batch step of a saturated replica: `micro_batch` sequences decoding one token each at
+    the mean context `prompt_len + output_len / 2`, plus the prompts of `num_admitted` new requests."""
 
     num_tokens: float
     attended_pairs: float
@@ -32,15 +32,57 @@ class ReferenceStep:
     num_sampled: float
 
     @classmethod
-    def of(cls, micro_batch: float, prompt_len: float, output_len: float) -> "ReferenceStep":
-        prefill_tokens = micro_batch * prompt_len / output_len
+    def of(cls, micro_batch: float, prompt_len: float, output_len: float, num_admitted: float | None = None,
+           max_tokens: float = float("inf")) -> "ReferenceStep":
+        """`num_admitted` default: the average share, micro_batch / output_len (each sequence is replaced
+        once per output_len steps). Prefill tokens beyond `max_tokens` (the step's budget) wait."""
+        if num_admitted is None:
+            num_admitted = micro_batch / output_len
+        prefill_tokens = max(0.0, min(num_admitted * prompt_len, max_tokens - micro_batch))
         context = prompt_len + output_len / 2
         return cls(
             num_tokens=micro_batch + prefill_tokens,
             attended_pairs=micro_batch * context + prefill_tokens * prompt_len / 2,
-            kv_read_tokens=micro_batch * context,
-            num_sampled=micro_batch,
+            kv_read_tokens=micro_batch * context + prefill_tokens,
+            num_sampled=micro_batch + prefill_tokens / prompt_len,
         )
+
+    @classmethod
+    def mixture(cls, micro_batch: float, prompt_len: float, output_len: float,
+                max_tokens: float) -> list[tuple[float, "ReferenceStep"]]:
+        """The steps of a saturated replica as the engine forms them, with their probabilities: a step
+        carries its sequences' decodes and the whole prompts of the requests admitted in their place,
+        a Poisson number with mean micro_batch / output_len. The average of step times over this mixture
+        exceeds the time of the average step where prompts tip a step from the weight scan into
+        compute (the roofline is convex): what an evenly spread prefill would miss."""
+        mean = micro_batch / output_len
+        top = int(mean + 6 * math.sqrt(mean) + 6)
+        weights = [math.exp(-mean + k * math.log(mean) - math.lgamma(k + 1)) if mean > 0 else float(k == 0)
+                   for k in range(top + 1)]
+        total = sum(weights)
+        return [(w / total, cls.of(micro_batch, prompt_len, output_len, k, max_tokens))
+                for k, w in enumerate(weights) if w / total > 1e-6]
+
+
+def mixture_round_time(
+    weights: list[float], stage_times: list[list[float]], send_times: list[list[float]], return_time: float,
+    num_micro_batches: int,
+) -> float:
+    """round_time over a mixture of steps (per step kind k: probability weights[k], its time on every
+    stage stage_times[k], its transfers send_times[k]). Each stage serves every micro-batch once per
+    round: M x its mean step time. And each micro-batch's round trip must fit in the round, so with
+    M micro-batches of independent kinds the round is at least the expected longest of M round trips:
+    a stage that finishes a short step waits for the long one ahead of it in the pipeline."""
+    num_stages = len(stage_times[0])
+    mean_stage = [sum(w * times[j] for w, times in zip(weights, stage_times)) for j in range(num_stages)]
+    trips = sorted(
+        (sum(times) + sum(sends) + return_time, w) for w, times, sends in zip(weights, stage_times, send_times)
+    )
+    expected_longest, below = 0.0, 0.0
+    for trip, w in trips:  # E[max of M draws] = sum of trip * (F(trip)^M - F(previous)^M)
+        expected_longest += trip * ((below + w) ** num_micro_batches - below ** num_micro_batches)
+        below += w
+    return max(num_micro_batches * max(mean_stage), expected_longest)
 
 
 def round_time(stage_times: list[float], send_times: list[float], return_time: float) -> float:
@@ -73,14 +115,14 @@ class ReplicaCost:
         return max(0, min(self.engine.max_num_seqs, self.kv_capacity_tokens // max_total_len))
 
     def round_seconds(self, batch: int, prompt_len: float, output_len: float) -> float:
-        micro = ReferenceStep.of(batch / self.num_micro_batches, prompt_len, output_len)
+        micro_batch = batch / self.num_micro_batches
+        steps = ReferenceStep.mixture(micro_batch, prompt_len, output_len, self.engine.max_num_batched_tokens)
         model = self.stages[0].model
-        times = [
-            s.step_time(l, micro.num_tokens, micro.attended_pairs, micro.kv_read_tokens, micro.num_sampled)
-            for s, l in zip(self.stages, self.layers)
-        ]
-        sends = [activation_send_time(model, micro.num_tokens, link) for link in self.send_links]
-        return round_time(times, sends, self.return_link.latency_s if self.num_stages > 1 else 0.0)
+        times = [[s.step_time(l, step.num_tokens, step.attended_pairs, step.kv_read_tokens, step.num_sampled)
+                  for s, l in zip(self.stages, self.layers)] for _, step in steps]
+        sends = [[activation_send_time(model, step.num_tokens, link) for link in self.send_links] for _, step in steps]
+        return_time = self.return_link.latency_s if self.num_stages > 1 else 0.0
+        return mixture_round_time([w for w, _ in steps], times, sends, return_time, self.num_micro_batches)
 
     def throughput_rps(self, prompt_len: float, output_len: float, max_total_len: int) -> float:
         """Saturated throughput: `batch` sequences each gain one token per round."""

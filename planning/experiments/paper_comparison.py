@@ -27,7 +27,8 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hexcore.config import EngineSpec  # noqa: E402
+from hexcore.config import EngineSpec, parse_config  # noqa: E402
+from planning.simulate.evaluate import evaluate_deployment  # noqa: E402
 from planning.inputs.cluster import load_cluster  # noqa: E402
 from planning.search.genetic import SearchParams, search  # noqa: E402
 from planning.inputs.models import load_model  # noqa: E402
@@ -116,9 +117,18 @@ def attainment(cluster, model, trace: WorkloadSpec, runtime: Runtime, is_symmetr
 
 
 def single_request_latency(cluster, model, trace: WorkloadSpec) -> float:
-    """Mean E2E latency of requests served alone (one every 100 s), on the pool's best plan."""
+    """Mean E2E latency of requests served alone (one every 100 s) on one TP 8 replica of the pool's
+    first node: the fastest replica of the A100 pool (the planner, which prefers headroom, may not
+    return it at low load)."""
     alone = trace.model_copy(update={"rate": 0.01, "slo_seconds": 1e6, "num_requests": len(trace.length_pairs)})
-    return search(cluster, model, alone, PARAMS).predicted.mean_latency_s
+    devices = [f"{cluster.nodes[0].name}/cuda:{i}" for i in range(8)]
+    config = parse_config({"dtype": model.dtype, "replicas": [{"stages": [{"devices": devices, "layers": model.num_layers}]}]})
+    return evaluate_deployment(cluster, model, config, alone).predicted.mean_latency_s
+
+
+def deadline_unit(model, trace: WorkloadSpec) -> float:
+    """The deadline unit: single-request latency on 16x A100 (one TP 8 replica), mean over the trace."""
+    return single_request_latency(load_cluster(CONFIGS / "clusters" / POOLS[HOMOGENEOUS][0]), model, trace)
 
 
 def highest_rate(rates: list[float], attainments: list[float]) -> float:

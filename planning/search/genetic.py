@@ -1,12 +1,17 @@
 """Across the pool: a genetic search over partitions of the devices into replicas.
 
-- Initial population from clustering the link matrix: nodes are merged by single linkage on link cost
-  (latency + transfer time of 1 MB), and every level of that hierarchy is taken as is and cut into
-  replicas just big enough to hold the model (at a few memory slacks).
-- Mutations: merge two groups, split one, move devices of one node from a group to another.
+- Initial population, first the splits a person would try: every node cut into equal TP groups of each
+  valid size that holds the model (8 GPUs: 1x8, 2x4, ...; sizes that do not fit leave the node whole),
+  and every node cut into its smallest such groups (most replicas). Then clustering the link matrix:
+  nodes are merged by single linkage on link cost (latency + transfer time of 1 MB), and every level
+  of that hierarchy is taken as is and cut into replicas just big enough to hold the model (at a few
+  memory slacks).
+- Mutations: merge two groups, split one at random or into halves (a TP8 node into two TP4 replicas),
+  move devices of one node from a group to another.
 - Groups that cannot hold the model are pruned by the DP's memory bound before anything is simulated.
 - Elitism: the best `num_elites` survive unchanged; parents are picked by tournament.
-- Fitness: simulated SLO attainment, then lower mean latency (planning.search.partitions.PartitionScorer).
+- Fitness: steady-state SLO attainment, then headroom (capacity), then lower mean latency
+  (planning.search.partitions.PartitionScorer).
 Seeded with `random.Random(seed)`: the same inputs give the same plan.
 """
 
@@ -24,6 +29,7 @@ from planning.inputs.cluster import Cluster
 from planning.cost.stage_cost import USABLE_MEMORY_FRACTION
 from planning.inputs.models import ModelSpec
 from planning.search.partitions import Partition, PartitionScorer, SearchResult, all_partitions, canonical
+from planning.simulate.capacity import max_sustainable_rate
 from planning.simulate.simulator import simulate
 from planning.inputs.workload import WorkloadSpec
 
@@ -49,9 +55,11 @@ def search(
     started = time.perf_counter()
     scorer = PartitionScorer(cluster, model, workload, engine, is_symmetric, params.num_sim_requests)
     rng = random.Random(params.seed)
-    seeds = _unique(initial_population(cluster, model))
-    step = max(1, len(seeds) / params.population)  # evenly over the clustering levels when there are many
-    population = _unique([seeds[int(i * step)] for i in range(min(len(seeds), params.population))])
+    splits = _unique(node_splits(cluster, model))[: params.population]
+    seeds = [p for p in _unique(initial_population(cluster, model)) if p not in splits]
+    room = params.population - len(splits)
+    step = max(1, len(seeds) / room) if room > 0 else 1  # evenly over the clustering levels when there are many
+    population = _unique(splits + [seeds[int(i * step)] for i in range(min(len(seeds), max(0, room)))])
     for _attempt in range(params.population * 10):  # small pools may have fewer distinct partitions
         if len(population) >= params.population:
             break
@@ -111,17 +119,37 @@ def finish(scorer: PartitionScorer, best: Partition, started: float) -> SearchRe
     if fitness[0] < 0:
         raise ValueError(f"infeasible pool: {scorer.infeasible_reason()}")
     layouts = scorer.layouts(best)
-    costs = scorer.costs(layouts)
+    costs, capacities = scorer.costs(layouts), scorer.capacities(layouts)
     workload = scorer.workload
-    predicted = simulate(costs, workload)
-    throughputs = tuple(
-        c.throughput_rps(workload.mean_prompt_len, workload.mean_output_len, workload.max_total_len) for c in costs
-    )
     return SearchResult(
-        plan=scorer.to_plan(layouts), partition=best, fitness=fitness, predicted=predicted,
-        replica_throughputs_rps=throughputs, search_seconds=time.perf_counter() - started,
-        num_evaluated=scorer.num_evaluated,
+        plan=scorer.to_plan(layouts), partition=best, fitness=fitness,
+        predicted=simulate(costs, workload, capacities=capacities), replica_throughputs_rps=tuple(capacities),
+        search_seconds=time.perf_counter() - started, num_evaluated=scorer.num_evaluated,
+        max_sustainable_rate_rps=max_sustainable_rate(costs, workload, capacities),
     )
+
+
+def node_splits(cluster: Cluster, model: ModelSpec) -> list[Partition]:
+    """Every node cut into its smallest equal TP groups that hold the model, then into equal groups of
+    each valid TP degree (largest first); a node no such group fits stays whole."""
+    def fits(node, tp: int) -> bool:
+        return node.device.memory_bytes * tp * USABLE_MEMORY_FRACTION >= model.weight_bytes
+
+    def split(tp_of) -> Partition:
+        groups = []
+        for node in cluster.nodes:
+            tp = tp_of(node)
+            if tp is None:
+                groups.append({node.index: node.count})
+                continue
+            groups += [{node.index: tp} for _ in range(node.count // tp)]
+            if node.count % tp:
+                groups.append({node.index: node.count % tp})
+        return canonical(groups)
+
+    degrees = sorted(model.valid_tp_degrees())
+    smallest = split(lambda node: next((t for t in degrees if t <= node.count and fits(node, t)), None))
+    return [smallest] + [split(lambda node, t=t: t if t <= node.count and fits(node, t) else None) for t in degrees[::-1]]
 
 
 def initial_population(cluster: Cluster, model: ModelSpec) -> list[Partition]:
@@ -176,7 +204,7 @@ def mutate(partition: Partition, rng: random.Random) -> Partition:
     if len(groups) >= 2:
         moves += ["merge", "swap"]
     if max(sizes) >= 2:
-        moves.append("split")
+        moves += ["split", "halve"]
     if not moves:
         return partition
     move = rng.choice(moves)
@@ -194,6 +222,14 @@ def mutate(partition: Partition, rng: random.Random) -> Partition:
         for n, c in moved.items():
             groups[i][n] -= c
         groups.append(moved)
+    elif move == "halve":  # every node's devices of a group in two equal halves (odd: one more stays)
+        i = rng.choice([k for k, size in enumerate(sizes) if size >= 2])
+        half = {n: c // 2 for n, c in groups[i].items()}
+        if sum(half.values()) == 0:
+            half = {max(groups[i], key=groups[i].get): 1}
+        for n, c in half.items():
+            groups[i][n] -= c
+        groups.append(half)
     else:  # swap: move some devices of one node from group i to group j
         i, j = rng.sample(range(len(groups)), 2)
         n = rng.choice(sorted(groups[i]))

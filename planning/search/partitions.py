@@ -1,5 +1,19 @@
 """Scoring device partitions: each group of a partition becomes a replica laid out by the DP, and the
-partition's fitness is the simulated SLO attainment of the resulting deployment.
+partition's fitness is its SLO attainment in steady state, then its headroom, then its mean latency.
+
+- Capacity: every replica's saturated throughput (planning.simulate.capacity: the replica alone under
+  a queue, simulated once per layout and cached). Their sum is the most the plan serves in steady
+  state: above it the queue grows without bound, so at most capacity / rate of the requests can meet
+  any deadline.
+- Steady-state attainment = simulated attainment x min(1, capacity / rate), the simulation replaying
+  at least FIT_WINDOW_DEADLINES deadlines of arrivals at the target rate (up to MAX_FIT_REQUESTS), the
+  same requests for every candidate (common random numbers), rounded to ATTAINMENT_RESOLUTION: plans
+  within that of each other tie.
+- Ties go to headroom (the total capacity: the highest rate the plan can sustain), then to the lower
+  mean latency.
+- Branch and bound: min(1, capacity / rate) bounds the attainment before any simulation, so a
+  partition that cannot beat the best one scored so far is not simulated; it keeps its bound as
+  fitness (attainment bound, capacity, -inf latency), which ranks it below that best.
 
 A partition is a tuple of groups; a group is a sorted tuple of (node index, device count). Devices of
 one node are interchangeable, so this canonical form is what the search and its caches key on. A group
@@ -8,6 +22,7 @@ no layout fits (memory) stays idle; a partition with no feasible group is infeas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hexcore.config import EngineSpec
@@ -17,12 +32,16 @@ from planning.search.replica_dp import Group, ReplicaLayout, ReplicaPlanner
 from planning.inputs.models import ModelSpec
 from planning.placement import DeploymentPlan, ReplicaPlan, StagePlan
 from planning.cost.replica_cost import ReplicaCost, replica_cost
+from planning.simulate.capacity import saturated_throughput_rps, unloaded_latency_s
 from planning.simulate.simulator import Predicted, simulate
 from planning.inputs.workload import WorkloadSpec, make_requests
 
 Partition = tuple[Group, ...]
-Fitness = tuple[float, float]  # (SLO attainment, -mean latency); infeasible: (-1, -inf)
-INFEASIBLE: Fitness = (-1.0, float("-inf"))
+Fitness = tuple[float, float, float]  # (steady-state SLO attainment, capacity req/s, -mean latency)
+INFEASIBLE: Fitness = (-1.0, 0.0, float("-inf"))
+ATTAINMENT_RESOLUTION = 0.01
+FIT_WINDOW_DEADLINES = 2.0
+MAX_FIT_REQUESTS = 3000
 
 
 def canonical(groups) -> Partition:
@@ -36,7 +55,7 @@ def canonical(groups) -> Partition:
 
 
 class PartitionScorer:
-    """Lays out and simulates partitions for one (cluster, model, workload), caching both steps."""
+    """Lays out, sizes and simulates partitions for one (cluster, model, workload), caching every step."""
 
     def __init__(
         self, cluster: Cluster, model: ModelSpec, workload: WorkloadSpec,
@@ -48,36 +67,86 @@ class PartitionScorer:
             cluster, model, self.engine, workload.mean_prompt_len, workload.mean_output_len,
             workload.max_total_len, is_symmetric,
         )
-        search_workload = workload.model_copy(update={"num_requests": num_sim_requests or workload.num_requests})
-        self.search_workload = search_workload
-        self.requests = make_requests(search_workload)
+        self.search_workload = workload.model_copy(update={"num_requests": fit_num_requests(workload, num_sim_requests)})
+        self.requests = make_requests(self.search_workload)
         self._fitness: dict[Partition, tuple[Fitness, Predicted | None]] = {}
+        self._capacity: dict[Group, float] = {}
+        self._cost: dict[Group, ReplicaCost] = {}
+        self._layout: dict[Group, ReplicaLayout | None] = {}
+        self.best_fitness: Fitness = INFEASIBLE
+        self.num_simulated = 0
 
     @property
     def num_evaluated(self) -> int:
         return len(self._fitness)
 
     def layouts(self, partition: Partition) -> list[tuple[Group, ReplicaLayout]]:
-        """The feasible groups of the partition with their DP layouts."""
-        return [(g, layout) for g in partition if (layout := self.replica_planner.best(g)) is not None]
+        """The feasible groups of the partition with their layouts."""
+        return [(g, layout) for g in partition if (layout := self.layout(g)) is not None]
+
+    def layout(self, group: Group) -> ReplicaLayout | None:
+        """Of the DP's shortlist (round times within a few % of the shortest), the layout that serves
+        the workload's longest request alone within the deadline, then carries the most load
+        (simulated saturated throughput), then comes first."""
+        if group not in self._layout:
+            best, best_key = None, None
+            for i, layout in enumerate(self.replica_planner.shortlist(group)):
+                (replica,) = self.to_plan([(group, layout)]).replicas
+                cost = replica_cost(self.cluster, self.model, replica, self.engine)
+                capacity = saturated_throughput_rps(cost, self.workload)
+                key = (unloaded_latency_s(cost, self.workload) <= self.workload.slo_seconds, capacity, -i)
+                if best_key is None or key > best_key:
+                    best, best_key = layout, key
+                    self._cost[group], self._capacity[group] = cost, capacity
+            self._layout[group] = best
+        return self._layout[group]
 
     def fitness(self, partition: Partition) -> Fitness:
         return self.evaluate(partition)[0]
+
+    def capacity(self, group: Group) -> float:
+        """Saturated throughput (req/s) of the group's replica as laid out (a feasible group)."""
+        self.layout(group)
+        return self._capacity[group]
+
+    def group_cost(self, group: Group) -> ReplicaCost:
+        self.layout(group)
+        return self._cost[group]
 
     def evaluate(self, partition: Partition) -> tuple[Fitness, Predicted | None]:
         layouts = self.layouts(partition)
         key = tuple(g for g, _ in layouts)
         if key not in self._fitness:
-            if not layouts:  # pruned: nothing to simulate
-                self._fitness[key] = (INFEASIBLE, None)
-            else:
-                predicted = simulate(self.costs(layouts), self.search_workload, self.requests)
-                self._fitness[key] = ((predicted.slo_attainment, -predicted.mean_latency_s), predicted)
+            self._fitness[key] = self._score(layouts)
         return self._fitness[key]
 
+    def _score(self, layouts: list[tuple[Group, ReplicaLayout]]) -> tuple[Fitness, Predicted | None]:
+        if not layouts:  # pruned: nothing to simulate
+            return INFEASIBLE, None
+        capacities = [self.capacity(g) for g, _ in layouts]
+        total = sum(capacities)
+        share = min(1.0, total / self.workload.rate)
+        bound = _quantize(share)
+        best = self.best_fitness
+        if bound < best[0] or (bound == best[0] and total < best[1]):
+            return (bound, total, float("-inf")), None
+        fitness, predicted = self.score(self.costs(layouts), capacities)
+        self.best_fitness = max(best, fitness)
+        return fitness, predicted
+
+    def score(self, costs: list[ReplicaCost], capacities: list[float]) -> tuple[Fitness, Predicted]:
+        """The fitness of any set of replicas, simulated on the search's trace (no pruning)."""
+        self.num_simulated += 1
+        total = sum(capacities)
+        predicted = simulate(costs, self.search_workload, self.requests, capacities)
+        share = min(1.0, total / self.workload.rate)
+        return (_quantize(predicted.slo_attainment * share), total, -predicted.mean_latency_s), predicted
+
+    def capacities(self, layouts: list[tuple[Group, ReplicaLayout]]) -> list[float]:
+        return [self.capacity(g) for g, _ in layouts]
+
     def costs(self, layouts: list[tuple[Group, ReplicaLayout]]) -> list[ReplicaCost]:
-        plan = self.to_plan(layouts)
-        return [replica_cost(self.cluster, self.model, r, self.engine) for r in plan.replicas]
+        return [self.group_cost(g) for g, _ in layouts]
 
     def to_plan(self, layouts: list[tuple[Group, ReplicaLayout]]) -> DeploymentPlan:
         """Give every stage concrete devices: each node's devices are handed out in index order."""
@@ -109,6 +178,17 @@ class PartitionScorer:
             f"no replica layout of {self.model.name} fits: with TP groups limited to same-type devices on one node "
             f"(TP degrees {self.model.valid_tp_degrees()}), some stage always exceeds its devices' memory"
         )
+
+
+def fit_num_requests(workload: WorkloadSpec, num_sim_requests: int | None) -> int:
+    """Requests per fitness simulation: `num_sim_requests` (default: the workload's), and at least
+    FIT_WINDOW_DEADLINES deadlines of arrivals at the workload's rate (at most MAX_FIT_REQUESTS)."""
+    steady = min(MAX_FIT_REQUESTS, math.ceil(workload.rate * workload.slo_seconds * FIT_WINDOW_DEADLINES))
+    return max(num_sim_requests or workload.num_requests, steady)
+
+
+def _quantize(attainment: float) -> float:
+    return round(round(attainment / ATTAINMENT_RESOLUTION) * ATTAINMENT_RESOLUTION, 6)
 
 
 def all_partitions(cluster: Cluster) -> list[Partition]:
@@ -145,6 +225,7 @@ class SearchResult:
     partition: Partition
     fitness: Fitness
     predicted: Predicted  # on the full workload
-    replica_throughputs_rps: tuple[float, ...]
+    replica_throughputs_rps: tuple[float, ...]  # saturated, simulated (planning.simulate.capacity)
     search_seconds: float
     num_evaluated: int
+    max_sustainable_rate_rps: float  # at the workload's deadline (planning.simulate.capacity)

@@ -5,7 +5,7 @@ order that minimises the latency of the crossings, nodes of a site stay adjacent
 each slow link at most once. Each node's devices are split into TP groups (same type, same node, TP
 degree dividing the attention and KV heads); for every such choice, a min-max DP over (stage, layers
 placed so far) assigns contiguous layer counts minimising the slowest stage's step time under each
-device's memory limit. The choice with the shortest round time (see replica_cost.round_time) wins.
+device's memory limit. The choice with the shortest round time (see replica_cost.mixture_round_time) wins.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ from planning.cost.stage_cost import (
     workspace_bytes_per_device,
 )
 from planning.inputs.models import ModelSpec
-from planning.cost.replica_cost import ReferenceStep, round_time
+from planning.cost.replica_cost import ReferenceStep, mixture_round_time
 
 Group = tuple[tuple[int, int], ...]  # sorted (node index, device count) pairs: a replica's device set
 MAX_TP_CHOICES = 128  # TP-group combinations evaluated per replica before restricting per-node options
+SHORTLIST_MARGIN = 0.10  # layouts this close to the shortest round time are sized by simulation
+SHORTLIST_SIZE = 3
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,18 @@ class ReplicaPlanner:
         self.cluster, self.model, self.engine = cluster, model, engine
         self.prompt_len, self.output_len, self.max_total_len = prompt_len, output_len, max_total_len
         self.is_symmetric = is_symmetric
-        self._cache: dict[Group, ReplicaLayout | None] = {}
+        self._cache: dict[Group, list[ReplicaLayout]] = {}
 
     def best(self, group: Group) -> ReplicaLayout | None:
         """The layout with the shortest round time, or None when no layout fits in memory."""
+        shortlist = self.shortlist(group)
+        return shortlist[0] if shortlist else None
+
+    def shortlist(self, group: Group) -> list[ReplicaLayout]:
+        """Layouts within SHORTLIST_MARGIN of the shortest round time (at most SHORTLIST_SIZE), shortest
+        first: the candidates the scorer sizes by simulation (planning.search.partitions)."""
         if group not in self._cache:
-            self._cache[group] = self._solve(group) if self._may_fit(group) else None
+            self._cache[group] = self._best_of(self._choices(group)) if self._may_fit(group) else []
         return self._cache[group]
 
     def _may_fit(self, group: Group) -> bool:
@@ -70,44 +78,58 @@ class ReplicaPlanner:
         usable = sum(self.cluster.nodes[n].device.memory_bytes * c for n, c in group) * USABLE_MEMORY_FRACTION
         return usable >= self.model.weight_bytes
 
-    def _solve(self, group: Group) -> ReplicaLayout | None:
+    def every_layout(self, group: Group) -> list[ReplicaLayout]:
+        """Every stage structure the DP considers for the group, each with its best layer counts
+        (no pruning; for exhaustive checks on small pools), shortest round time first."""
+        if not self._may_fit(group):
+            return []
+        layouts = []
+        for reserve in (self.engine.max_num_seqs, 1):
+            for stages in self._choices(group):
+                layout = self._layout(stages, self._stage_terms(stages, reserve * self.max_total_len))
+                if layout is not None and layout not in layouts:
+                    layouts.append(layout)
+            if layouts:
+                break
+        return sorted(layouts, key=lambda layout: (round(layout.round_seconds, 9), len(layout.stages)))
+
+    def _choices(self, group: Group) -> list[list[tuple[int, int]]]:
         """Both directions of the node chain (which end holds the embedding, which the LM head) times
         every combination of per-node TP splits."""
         chain = self._ordered_nodes([n for n, _ in group])
         orders = [chain, chain[::-1]] if len(chain) > 1 else [chain]
         counts = dict(group)
         if self.is_symmetric:
-            return self._best_of([c for nodes in orders for c in self._symmetric_choices(nodes, counts)])
+            return [c for nodes in orders for c in self._symmetric_choices(nodes, counts)]
         options = {n: self._tp_splits(counts[n]) for n in chain}
         while math.prod(len(o) for o in options.values()) > MAX_TP_CHOICES:  # keep the largest-TP options
             widest = max(chain, key=lambda n: len(options[n]))
             options[widest] = options[widest][:-1]
-        choices = [
+        return [
             [(node, tp) for node, split in zip(nodes, combo) for tp in split]
             for nodes in orders
             for combo in itertools.product(*(options[n] for n in nodes))
         ]
-        return self._best_of(choices)
 
-    def _best_of(self, choices: list[list[tuple[int, int]]]) -> ReplicaLayout | None:
+    def _best_of(self, choices: list[list[tuple[int, int]]]) -> list[ReplicaLayout]:
         """Branch and bound: choices in order of a lower bound on their round time, each laid out by
-        the DP until the bound exceeds the best found. Ties (to the nanosecond, below float noise) go
-        to fewer stages, then to the first listed."""
+        the DP until the bound exceeds the shortlist's margin over the best found. Ties (to the
+        nanosecond, below float noise) go to fewer stages, then to the first listed."""
         for reserve in (self.engine.max_num_seqs, 1):  # KV room for a full batch; else for one request
             terms = [self._stage_terms(stages, reserve * self.max_total_len) for stages in choices]
             order = sorted(range(len(choices)), key=lambda i: terms[i].lower_bound)
-            best, best_key = None, None
+            found: dict[ReplicaLayout, tuple] = {}
             for i in order:
-                if best is not None and terms[i].lower_bound > best.round_seconds + 1e-9:
+                if found and terms[i].lower_bound > min(found.values())[0] * (1 + SHORTLIST_MARGIN) + 1e-9:
                     break
                 layout = self._layout(choices[i], terms[i])
-                if layout is not None:
-                    key = (round(layout.round_seconds, 9), len(layout.stages), i)
-                    if best_key is None or key < best_key:
-                        best, best_key = layout, key
-            if best is not None:
-                return best
-        return None
+                if layout is not None and layout not in found:
+                    found[layout] = (round(layout.round_seconds, 9), len(layout.stages), i)
+            if found:
+                ranked = sorted(found, key=found.get)
+                limit = ranked[0].round_seconds * (1 + SHORTLIST_MARGIN) + 1e-9
+                return [layout for layout in ranked if layout.round_seconds <= limit][:SHORTLIST_SIZE]
+        return []
 
     def _symmetric_choices(self, nodes: list[int], counts: dict[int, int]) -> list[list[tuple[int, int]]]:
         """Every stage with the same TP degree (and, in _layout, the same layer count)."""
@@ -149,25 +171,32 @@ class ReplicaPlanner:
         return [n for site in sites for n in by_site[site]]
 
     def _stage_terms(self, stages: list[tuple[int, int]], reserve_tokens: int) -> "_StageTerms":
-        """Per stage: reference step time per layer and fixed, layer cap; the links; a lower bound."""
+        """Per stage: reference step time per layer and fixed (mean over the engine's mix of steps, see
+        ReferenceStep.mixture), layer cap; the links; a lower bound."""
         num_stages = len(stages)
-        micro = ReferenceStep.of(
-            self.engine.max_num_seqs / (self.engine.num_micro_batches or num_stages), self.prompt_len, self.output_len
-        )
-        per_layer, fixed, caps, sends = [], [], [], []
+        num_micro_batches = self.engine.num_micro_batches or num_stages
+        steps = ReferenceStep.mixture(self.engine.max_num_seqs / num_micro_batches, self.prompt_len,
+                                      self.output_len, self.engine.max_num_batched_tokens)
+        per_layer, fixed, caps = np.zeros((len(steps), num_stages)), np.zeros((len(steps), num_stages)), []
+        sends = np.zeros((len(steps), num_stages - 1))
         for j, (node, tp) in enumerate(stages):
             cost = StageCost(self.model, self.cluster.nodes[node].device, tp, self.cluster.intra_node, j == 0, j == num_stages - 1)
-            per_layer.append(cost.layer_time(micro.num_tokens, micro.attended_pairs, micro.kv_read_tokens))
-            fixed.append(cost.fixed_time(micro.num_sampled))
+            for k, (_, step) in enumerate(steps):
+                per_layer[k, j] = cost.layer_time(step.num_tokens, step.attended_pairs, step.kv_read_tokens)
+                fixed[k, j] = cost.fixed_time(step.num_sampled)
+                if j + 1 < num_stages:
+                    link = self.cluster.link(node, stages[j + 1][0])
+                    sends[k, j] = activation_send_time(self.model, step.num_tokens, link)
             caps.append(self._max_layers(cost, reserve_tokens))
-            if j + 1 < num_stages:
-                sends.append(activation_send_time(self.model, micro.num_tokens, self.cluster.link(node, stages[j + 1][0])))
+        weights = np.array([w for w, _ in steps])
+        mean_per_layer, mean_fixed = weights @ per_layer, weights @ fixed
         return_time = self.cluster.link(stages[-1][0], stages[0][0]).latency_s if num_stages > 1 else 0.0
         # relaxing layer counts to reals >= -inf, the best bottleneck T levels every stage:
         # sum_j (T - fixed_j) / per_layer_j = L; and a round takes at least S * T
-        inverse = sum(1 / a for a in per_layer)
-        level = (self.model.num_layers + sum(b / a for a, b in zip(per_layer, fixed))) / inverse
-        return _StageTerms(np.array(per_layer), np.array(fixed), np.array(caps), sends, return_time, num_stages * level)
+        inverse = sum(1 / a for a in mean_per_layer)
+        level = (self.model.num_layers + sum(b / a for a, b in zip(mean_per_layer, mean_fixed))) / inverse
+        return _StageTerms(mean_per_layer, mean_fixed, np.array(caps), weights, per_layer, fixed, sends,
+                           return_time, num_micro_batches, num_stages * level)
 
     def _layout(self, stages: list[tuple[int, int]], terms: "_StageTerms") -> ReplicaLayout | None:
         num_stages, num_layers = len(stages), self.model.num_layers
@@ -181,8 +210,9 @@ class ReplicaPlanner:
             layers = allocate_layers(terms.per_layer, terms.fixed, terms.caps, num_layers)
             if layers is None:
                 return None
-        times = [l * a + b for l, a, b in zip(layers, terms.per_layer, terms.fixed)]
-        total = round_time(times, terms.sends, terms.return_time)
+        times = terms.step_per_layer * np.array(layers) + terms.step_fixed  # per step kind, per stage
+        total = mixture_round_time(list(terms.weights), times.tolist(), terms.step_sends.tolist(),
+                                   terms.return_time, terms.num_micro_batches)
         return ReplicaLayout(tuple(StageLayout(n, t, l) for (n, t), l in zip(stages, layers)), float(total))
 
     def _max_layers(self, cost: StageCost, reserve_tokens: int) -> int:
@@ -199,11 +229,15 @@ class ReplicaPlanner:
 
 @dataclass(frozen=True)
 class _StageTerms:
-    per_layer: np.ndarray  # seconds per layer of the reference micro-batch step
-    fixed: np.ndarray  # seconds per step independent of layers
+    per_layer: np.ndarray  # per stage: seconds per layer of the mean micro-batch step
+    fixed: np.ndarray  # per stage: seconds per step independent of layers
     caps: np.ndarray  # most layers each stage holds
-    sends: list[float]
+    weights: np.ndarray  # per step kind of the mixture: its probability
+    step_per_layer: np.ndarray  # per step kind, per stage
+    step_fixed: np.ndarray  # per step kind, per stage
+    step_sends: np.ndarray  # per step kind, per link between consecutive stages
     return_time: float
+    num_micro_batches: int
     lower_bound: float  # on the round time of any layer allocation
 
 

@@ -10,6 +10,7 @@ from planning.inputs.cluster import Cluster
 from planning.inputs.models import ModelSpec
 from planning.placement import DeploymentPlan, plan_from_config
 from planning.cost.replica_cost import ReplicaCost, replica_cost
+from planning.simulate.capacity import max_sustainable_rate, saturated_throughput_rps
 from planning.simulate.simulator import Predicted, simulate
 from planning.inputs.workload import WorkloadSpec
 
@@ -17,7 +18,8 @@ from planning.inputs.workload import WorkloadSpec
 @dataclass(frozen=True)
 class Evaluation:
     predicted: Predicted
-    replica_throughputs_rps: tuple[float, ...]  # saturated, from the cost model
+    replica_throughputs_rps: tuple[float, ...]  # saturated, simulated (planning.simulate.capacity)
+    max_sustainable_rate_rps: float  # at the workload's deadline
 
 
 def replica_costs(cluster: Cluster, model: ModelSpec, config: DeploymentConfig, plan: DeploymentPlan) -> list[ReplicaCost]:
@@ -38,10 +40,9 @@ def evaluate_deployment(
     check_against_model(config, model.num_layers, model.num_heads, model.num_kv_heads)
     model = model.with_dtype(config.dtype)
     costs = replica_costs(cluster, model, config, plan_from_config(config, cluster))
-    throughputs = tuple(
-        c.throughput_rps(workload.mean_prompt_len, workload.mean_output_len, workload.max_total_len) for c in costs
-    )
-    return Evaluation(simulate(costs, workload), throughputs)
+    capacities = [saturated_throughput_rps(c, workload) for c in costs]
+    return Evaluation(simulate(costs, workload, capacities=capacities), tuple(capacities),
+                      max_sustainable_rate(costs, workload, capacities))
 
 
 def simulate_plan(

@@ -1,5 +1,7 @@
 """The DP + genetic search against exhaustive enumeration, reproducibility, the paper's case study."""
 
+import itertools
+
 import pytest
 
 from hexcore.config import parse_config
@@ -7,7 +9,9 @@ from planning.inputs.cluster import ClusterSpec, build_cluster
 from planning.simulate.evaluate import evaluate_deployment
 from planning.search.genetic import SearchParams, exhaustive, one_replica, search
 from planning.inputs.models import load_model
-from planning.search.partitions import all_partitions
+from planning.cost.replica_cost import replica_cost
+from planning.search.partitions import INFEASIBLE, PartitionScorer, all_partitions
+from planning.simulate.capacity import saturated_throughput_rps
 from planning.inputs.workload import WorkloadSpec
 
 LLAMA70 = load_model("llama-2-70b")
@@ -21,12 +25,12 @@ def cluster(*nodes, **links):
 
 SMALL_POOLS = [  # (pool, model, workload): up to 6 devices, mixed types, sites and links
     (cluster(("t4", "x", "T4", 4), ("a4000", "x", "A4000", 2)), "llama-2-7b",
-     WorkloadSpec(rate=6, prompt_len=128, output_len=32, slo_seconds=0.55, num_requests=40)),
+     WorkloadSpec(rate=6, prompt_len=128, output_len=32, slo_seconds=0.5, num_requests=40)),
     (cluster(("a100", "x", "A100-40G", 2), ("v100", "y", "V100", 2), ("t4", "y", "T4", 2)), "llama-2-13b",
      WorkloadSpec(rate=4, trace=[[64, 32], [128, 64]], slo_seconds=0.9, num_requests=40)),
     (cluster(("a", "x", "RTX3090Ti", 3), ("b", "y", "A5000", 3),
              inter_site={"bandwidth_gbps": 0.5, "latency_ms": 40}), "llama-2-13b",
-     WorkloadSpec(rate=3, prompt_len=64, output_len=64, slo_seconds=1.2, num_requests=40)),
+     WorkloadSpec(rate=3, prompt_len=64, output_len=64, slo_seconds=1.0, num_requests=40)),
     (cluster(("a", "x", "T4", 2), ("b", "x", "T4", 2), ("c", "y", "A4000", 2)), "llama-3-8b",
      WorkloadSpec(rate=8, prompt_len=32, output_len=32, slo_seconds=0.6, num_requests=40)),
 ]
@@ -87,3 +91,48 @@ def test_case_study_symmetric_layouts_are_infeasible():
         config = parse_config({"dtype": "float16", "replicas": [{"stages": stages}]})
         with pytest.raises(ValueError, match=r"does not fit in memory: .*\(A4000\)"):
             evaluate_deployment(CASE_STUDY, LLAMA70, config, CASE_WORKLOAD)
+
+
+HIGH_LOAD_POOLS = [  # (pool, model, workload): at or above the pool's capacity, long traces
+    (cluster(("a", "x", "A100-40G", 4), ("b", "x", "T4", 2)), "llama-2-7b",
+     WorkloadSpec(rate=120, trace=[[32, 32], [128, 64], [64, 128]], slo_seconds=4, num_requests=600)),
+    (cluster(("a", "x", "RTX3090Ti", 4), ("b", "y", "A6000", 2),
+             inter_site={"bandwidth_gbps": 1, "latency_ms": 20}), "llama-2-13b",
+     WorkloadSpec(rate=40, trace=[[32, 32], [128, 64], [64, 128]], slo_seconds=6, num_requests=600)),
+    (cluster(("a", "x", "A5000", 4), ("b", "x", "A5000", 2)), "llama-2-13b",
+     WorkloadSpec(rate=24, prompt_len=128, output_len=64, slo_seconds=3, num_requests=600)),
+]
+
+
+def every_grouping_and_layout(pool, model, workload):
+    """The best fitness over every grouping of the devices and every layout of every group (no DP
+    choice, no pruning), scored as the search scores."""
+    scorer = PartitionScorer(pool, model, workload)
+    best = INFEASIBLE
+    for partition in all_partitions(pool):
+        options = [[(group, layout) for layout in scorer.replica_planner.every_layout(group)] for group in partition]
+        for combo in itertools.product(*[o for o in options if o]):
+            if not combo:
+                continue
+            costs = [replica_cost(pool, model, r, scorer.engine) for r in scorer.to_plan(list(combo)).replicas]
+            capacities = [saturated_throughput_rps(c, workload) for c in costs]
+            best = max(best, scorer.score(costs, capacities)[0])
+    return best
+
+
+@pytest.mark.parametrize("pool, model_name, workload", HIGH_LOAD_POOLS)
+def test_search_at_high_load_equals_exhaustive_groupings(pool, model_name, workload):
+    model = load_model(model_name)
+    best = exhaustive(pool, model, workload)
+    found = search(pool, model, workload, SearchParams(seed=0))
+    assert found.fitness == best.fitness and found.predicted == best.predicted
+
+
+@pytest.mark.slow  # 15-30 s each: every layout of every group of every grouping is simulated
+@pytest.mark.parametrize("pool, model_name, workload", HIGH_LOAD_POOLS)
+def test_search_at_high_load_equals_every_grouping_and_layout(pool, model_name, workload):
+    model = load_model(model_name)
+    best = every_grouping_and_layout(pool, model, workload)
+    found = search(pool, model, workload, SearchParams(seed=0))
+    assert found.fitness == best
+    assert found.fitness[1] >= 0.8 * workload.rate  # loaded near or above what the best plan carries
