@@ -419,7 +419,8 @@ def _register(cluster: EmulatedCluster) -> None:
             _ATEXIT_REGISTERED = True
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                if sig not in _PREVIOUS_HANDLERS:
+                # an ignored signal stays ignored: it does not end the process, so it must not end the clusters
+                if sig not in _PREVIOUS_HANDLERS and signal.getsignal(sig) != signal.SIG_IGN:
                     _PREVIOUS_HANDLERS[sig] = signal.signal(sig, _on_signal)
 
 
@@ -447,8 +448,6 @@ def _on_signal(signum, frame) -> None:
     _close_all()
     if callable(previous):
         previous(signum, frame)  # e.g. SIGINT -> KeyboardInterrupt
-    elif previous == signal.SIG_IGN:
-        return
     else:  # SIG_DFL: die of the signal as we would have without the harness
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)

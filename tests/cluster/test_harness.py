@@ -161,22 +161,30 @@ def test_links_are_shaped_per_pair_and_set_bandwidth_changes_them(emulated_clust
 
 def test_cpu_quota_slows_a_cpu_bound_loop(emulated_cluster):
     """Both loops run side by side, each in a host cgroup of the same (high) weight, so that other work on the
-    machine does not decide the result: "free" has no quota, "limited" a quarter of a core."""
+    machine does not decide the result: "free" has no quota, "limited" a quarter of a core.  If the machine is so
+    busy that even "free" gets less than 0.8 of a core, the measurement is repeated (at most 3 times)."""
     cluster = emulated_cluster(["free", "limited"], need_cpu_quota=True)
     cluster.set_cpu_quota("free", None)
-    seconds = 2.0
-    free = cluster.popen("free", [*PY, SPIN, str(seconds)], stdout=subprocess.PIPE, text=True)
-    limited = cluster.popen("limited", [*PY, SPIN, str(seconds)], stdout=subprocess.PIPE, text=True, cpu_quota=0.25)
-    wait_for(lambda: cluster.cgroup("limited") in Path(f"/proc/{limited.pid}/cgroup").read_text(),
-             what="the limited loop to be in its cgroup")  # the wrapper joins, then execs
+    cluster.set_cpu_quota("limited", 0.25)
     assert cluster.cpu_quota("limited") == pytest.approx(0.25) and cluster.cpu_quota("free") is None
-    (n_free, cpu_free), (n_limited, cpu_limited) = [map(float, p.communicate(timeout=30)[0].split())
-                                                    for p in (free, limited)]
-    ratio = n_free / n_limited
-    print(f"\nspin {seconds} s side by side: unconstrained {n_free:.0f} iterations ({cpu_free / seconds:.2f} of a core), "
-          f"quota 0.25: {n_limited:.0f} ({cpu_limited / seconds:.2f} of a core): {ratio:.2f}x slower")
-    assert cpu_limited / seconds < 0.25 * 1.25  # the quota is a hard cap
-    assert 2.5 < ratio < 6
+    seconds = 2.0
+    for _attempt in range(3):
+        free = cluster.popen("free", [*PY, SPIN, str(seconds)], stdout=subprocess.PIPE, text=True)
+        limited = cluster.popen("limited", [*PY, SPIN, str(seconds)], stdout=subprocess.PIPE, text=True)
+        wait_for(lambda: cluster.cgroup("limited") in Path(f"/proc/{limited.pid}/cgroup").read_text(),
+                 what="the limited loop to be in its cgroup")  # the wrapper joins, then execs
+        (n_free, cpu_free), (n_limited, cpu_limited) = [map(float, p.communicate(timeout=30)[0].split())
+                                                        for p in (free, limited)]
+        ratio = n_free / n_limited
+        print(f"\nspin {seconds} s side by side: unconstrained {n_free:.0f} iterations ({cpu_free / seconds:.2f} "
+              f"of a core), quota 0.25: {n_limited:.0f} ({cpu_limited / seconds:.2f} of a core): {ratio:.2f}x slower")
+        assert cpu_limited / seconds < 0.25 * 1.25  # the quota is a hard cap
+        if cpu_free / seconds >= 0.8:
+            break
+    if cpu_free / seconds >= 0.8:
+        assert 2.5 < ratio < 6
+    else:  # the machine never left "free" a core: at least the speeds must follow the CPU each got
+        assert ratio > 1.5 and 0.6 < ratio / (cpu_free / cpu_limited) < 1.6
     assert cluster.cpu_stat("limited")["nr_throttled"] > 0
 
 
@@ -201,26 +209,33 @@ def test_exception_inside_the_context_still_cleans_up_everything(emulated_cluste
 
 
 def test_leftovers_of_dead_runs_are_removed_at_start_and_live_runs_are_kept(emulated_cluster):
+    """A namespace (with a process in it) and a cgroup named like ours but owned by no open cluster, and a namespace
+    of a dead pid, are removed by the next start; one of another live process (pid 1) is kept.  (The first kind is
+    stale to this process only, so a concurrent test run cannot remove it while this test sets it up.)"""
     skip = skip_reason(cpu_quota=True)
     if skip:
         pytest.skip(skip)
+    tag = uuid.uuid4().hex[:6]
     dead_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 7  # no process can have it
-    dead = [f"hxc-{dead_pid}-left01-a", f"hxc-{dead_pid}-left01--switch", f"hxc-{os.getpid()}-notopn-h"]
-    live = f"hxc-1-live01-a"  # pid 1 is alive: another run's, must be kept
+    ours, dead, live = f"hxc-{os.getpid()}-{tag}-a", f"hxc-{dead_pid}-{tag}--switch", f"hxc-1-{tag}-a"
     made_ns, sleeper = [], None
     try:
-        for name in dead + [live]:
+        for name in (ours, live):
             netns.add(name)
             made_ns.append(name)
-        cgroups.create(dead[0])
-        cgroups.create(live)
-        sleeper = subprocess.Popen(netns.exec_argv(dead[0], ["sleep", "1000"]), start_new_session=True)
-        wait_for(lambda: netns.pids(dead[0]), what="sleeper in the leftover namespace")
-        (cgroups.path(dead[0]) / "cgroup.procs").write_text(str(sleeper.pid))
+            cgroups.create(name)
+        sleeper = subprocess.Popen(cgroups.join_argv(ours, netns.exec_argv(ours, ["sleep", "1000"])),
+                                   start_new_session=True)
+        wait_for(lambda: netns.pids(ours) and cgroups.procs(ours), what="sleeper in the leftover namespace")
+        try:
+            netns.add(dead)
+        except netns.HarnessError:
+            pass  # a concurrent run can remove it at any moment: it is stale to everyone
+        made_ns.append(dead)
 
         cluster = emulated_cluster(["a"])
-        assert not set(dead) & set(netns.list_netns())
-        assert dead[0] not in cgroups.list_groups()
+        assert not {ours, dead} & set(netns.list_netns())
+        assert ours not in cgroups.list_groups()
         assert sleeper.wait(timeout=5) == -signal.SIGKILL
         assert live in netns.list_netns() and live in cgroups.list_groups()
         assert set(cluster.all_netns()) <= set(netns.list_netns())
@@ -230,12 +245,13 @@ def test_leftovers_of_dead_runs_are_removed_at_start_and_live_runs_are_kept(emul
             sleeper.wait()
         for name in made_ns:
             netns.delete(name)
-        for name in (dead[0], live):
             cgroups.remove(name)
 
 
 DRIVER = textwrap.dedent("""
-    import sys, time
+    import faulthandler, signal, sys, time
+    faulthandler.register(signal.SIGUSR1)  # the test dumps our stacks if we hang
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (a background job inherits SIG_IGN)
     sys.path.insert(0, sys.argv[1])
     from tests.cluster.harness import EmulatedCluster
     cluster = EmulatedCluster(["a", "b"], cpu_quota={"a": 0.5}).start()
@@ -259,12 +275,17 @@ def test_a_test_process_killed_by_a_signal_leaves_nothing_behind(emulated_cluste
     try:
         prefix, child = driver.stdout.readline().split()
         children = lambda: [p for p in pgrep(marker) if p != driver.pid]  # noqa: E731 - the driver has it too
-        assert harness_leftovers(prefix) and children() == [int(child)]
+        assert harness_leftovers(prefix)
+        wait_for(lambda: children() == [int(child)], what="the driver's child")  # pgrep can miss one mid-exec
         driver.send_signal(sig)
-        driver.wait(timeout=20)
+        try:
+            driver.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            driver.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            raise
         if sig == signal.SIGKILL:
-            assert harness_leftovers(prefix) and children() == [int(child)]  # orphaned...
-            emulated_cluster(["c"])                                            # ...until the next start
+            emulated_cluster(["c"])  # orphans (stale to every process: a concurrent run may get there first)...
         else:
             assert driver.returncode == (130 if sig == signal.SIGINT else -sig)  # the signal went on to its old handler
         assert harness_leftovers(prefix) == []
