@@ -217,14 +217,14 @@ class EmulatedCluster:
 
     def _build(self) -> None:
         sw = self.switch_netns
+        self._made.append(sw)  # recorded first: a half-made namespace is deleted too
         netns.add(sw)
-        self._made.append(sw)
         netns.sh([netns.IP, "-n", sw, "link", "add", "br0", "type", "bridge", "stp_state", "0"])
         netns.sh([netns.IP, "-n", sw, "link", "set", "br0", "up"])
         for host in self.hosts:
             ns, port = self.netns(host), f"p{self._index[host]}"
-            netns.add(ns)
             self._made.append(ns)
+            netns.add(ns)
             # made inside the switch namespace, one end moved straight into the host's: never in the root namespace
             netns.sh([netns.IP, "-n", sw, "link", "add", port, "type", "veth", "peer", "name", self.interface,
                       "netns", ns])
