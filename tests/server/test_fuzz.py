@@ -132,6 +132,12 @@ BAD = {  # out-of-range values of each kind, per field
     "prompt": st.one_of(bad_text, st.lists(bad_text, min_size=1, max_size=2), bad_ids, st.lists(bad_ids, min_size=1, max_size=2)),
     "messages": st.tuples(messages, bad_message).map(lambda pair: [*pair[0], pair[1]]),
 }
+def served_bodies(route: str) -> st.SearchStrategy:
+    """Bodies the route serves (a 200): required fields, some optional ones."""
+    bodies = st.fixed_dictionaries(REQUIRED[route], optional=OPTIONAL[route])
+    return bodies.map(lambda body: {**body, "logprobs": True} if "top_logprobs" in body else body)
+
+
 unknown_field = st.sampled_from(["suffix", "tools", "functions", "stream_options", "echo", "prompt", "messages", "tokens"])
 MUTATIONS = [(route, field) for route in sorted(REQUIRED) for field in sorted({*REQUIRED[route], *OPTIONAL[route]} & set(BAD))]
 
@@ -194,7 +200,7 @@ def post_body(client, route: str, body) -> None:
 @settings(FUZZ, max_examples=50)
 @given(route=st.sampled_from(ROUTES), data=st.data())
 def test_valid_bodies_are_served(client, route, data):
-    body = data.draw(st.fixed_dictionaries(REQUIRED[route], optional=OPTIONAL[route]), label="body")
+    body = data.draw(served_bodies(route), label="body")
     response = client.post(route, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
     assert_no_server_error(response)
     assert response.status_code == 200, response.text
@@ -206,7 +212,7 @@ def test_valid_bodies_are_served(client, route, data):
 def test_an_out_of_range_field_yields_no_server_error(client, route, field, data):
     """A served body with one field out of range (every field, every route: ~4 examples each), and
     sometimes a junk field besides."""
-    body = data.draw(st.fixed_dictionaries(REQUIRED[route], optional=OPTIONAL[route]), label="body")
+    body = data.draw(served_bodies(route), label="body")
     body[field] = data.draw(BAD[field], label=field)
     if data.draw(st.sampled_from([False, False, True]), label="more junk"):
         body[data.draw(st.one_of(unknown_field, text), label="junk field")] = data.draw(junk, label="junk")
