@@ -80,10 +80,16 @@ def internal_error() -> APIError:
     return APIError(500, "internal server error (details are in the server log)", code="internal_error")
 
 
+def _is_union_tag(part) -> bool:
+    """pydantic names the member of a union (`str | list[int]`) it tried in the error's location
+    ("str", "list[int]"...): not a parameter the client sent."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "none"} or "[" in part)
+
+
 def _validation_error(err: RequestValidationError) -> APIError:
     """The first pydantic complaint, phrased for a client, naming the parameter."""
     first = err.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_union_tag(part)]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error") or first.get("msg")

@@ -41,6 +41,9 @@ def assert_still_serving(base_url: str) -> None:
     ("/v1/completions", {**GOOD, "max_tokens": "many"}, "max_tokens"),
     ("/v1/completions", {**GOOD, "prompt": [[1, 2, 99999]]}, "prompt"),
     ("/v1/completions", {**GOOD, "prompt": []}, "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": [[1, "x"]]}, "prompt"),  # not "prompt.str": no union member names
+    ("/v1/completions", {**GOOD, "stop": [1]}, "stop"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
     ("/v1/completions", {**GOOD, "suffix": "x"}, "suffix"),
     ("/v1/completions", {**GOOD, "best_of": 3}, "best_of"),
     ("/v1/completions", {**GOOD, "logit_bias": {"5": 1.0}}, "logit_bias"),
