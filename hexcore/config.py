@@ -113,6 +113,7 @@ class ServerSpec(_Spec):
     api_key: str | None = None
     max_waiting_requests: int = Field(default=256, ge=1)
     max_n: int = Field(default=128, ge=1)  # the most choices (`n`) one request may ask for; more is a 400
+    drain_seconds: float = Field(default=30.0, gt=0)  # on SIGTERM/SIGINT: how long in-flight requests may finish
 
 
 class EngineSpec(_Spec):

@@ -94,6 +94,7 @@ class ServerState:
     chat: ChatServing
     tokens: TokenizationServing
     created: int
+    stream_cutoff: asyncio.Event  # set at the end of a shutdown's drain: open streams end with an error
 
 
 def _state(raw_request: Request) -> ServerState:
@@ -243,13 +244,15 @@ def build_app(
     metrics_ = ServerMetrics(engine)
     tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hexgen-tokenizer")
     limits = EdgeLimits(engine, max_n=max_n if max_n is not None else _max_n_of(engine))
+    cutoff = asyncio.Event()
     app.state.hexgen = ServerState(
         engine=engine,
         metrics=metrics_,
-        completions=CompletionServing(engine, metrics_, tokenizer_pool, limits),
-        chat=ChatServing(engine, metrics_, tokenizer_pool, limits),
-        tokens=TokenizationServing(engine, metrics_, tokenizer_pool, limits),
+        completions=CompletionServing(engine, metrics_, tokenizer_pool, limits, cutoff),
+        chat=ChatServing(engine, metrics_, tokenizer_pool, limits, cutoff),
+        tokens=TokenizationServing(engine, metrics_, tokenizer_pool, limits, cutoff),
         created=int(time.time()),
+        stream_cutoff=cutoff,
     )
     app.include_router(router)
     app.openapi = _openapi_without_422(app)

@@ -1,7 +1,7 @@
 """`hexgen serve`: load a deployment, start the HTTP server, then the engine in the background.
 
 Command-line values override the deployment file; without a file the model runs whole on one cpu.
-SIGINT/SIGTERM stop accepting connections, let in-flight requests finish (at most DRAIN_SECONDS),
+SIGINT/SIGTERM stop accepting connections, let in-flight requests finish (at most server.drain_seconds),
 stop the engine's workers and exit 0."""
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from sse_starlette.sse import AppStatus
 from hexcore.config import DeploymentConfig, load_config, parse_config, single_device_config
 from hexcore.model.files import resolve_model_dir
 
-DRAIN_SECONDS = 30
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -109,8 +108,8 @@ async def _serve(deployment, sock: socket.socket, log_level: str) -> int:
                     on_start_failure=stop_with("the engine failed to start"))
     server = _DrainingServer(uvicorn.Config(
         app, log_level=log_level, log_config=None,  # uvicorn logs through our root handler and format
-        access_log=False, timeout_graceful_shutdown=DRAIN_SECONDS, lifespan="on",
-    ))
+        access_log=False, timeout_graceful_shutdown=deployment.config.server.drain_seconds, lifespan="on",
+    ), stream_cutoff=app.state.hexgen.stream_cutoff)
     await server.serve(sockets=[sock])
     if failures:
         print(f"hexgen serve: error: {failures[0]}", file=sys.stderr)
@@ -120,7 +119,20 @@ async def _serve(deployment, sock: socket.socket, log_level: str) -> int:
 
 class _DrainingServer(uvicorn.Server):
     """SIGINT/SIGTERM only end the serve loop: uvicorn re-raises the signal after its graceful shutdown,
-    which would end the process with a signal status instead of 0."""
+    which would end the process with a signal status instead of 0. Streams still open shortly before
+    the drain ends get a final error event and [DONE] (`stream_cutoff`) instead of being cut mid-chunk."""
+
+    def __init__(self, config: uvicorn.Config, stream_cutoff: asyncio.Event):
+        super().__init__(config)
+        self._stream_cutoff = stream_cutoff
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit:  # the first signal: the drain starts
+            drain = self.config.timeout_graceful_shutdown
+            cutoff = drain - min(2.0, drain / 4)  # leaves time to send the streams' last events
+            loop = asyncio.get_running_loop()
+            loop.call_soon_threadsafe(loop.call_later, cutoff, self._stream_cutoff.set)
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self):

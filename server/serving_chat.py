@@ -42,7 +42,7 @@ class ChatServing(OpenAIServing):
         generation = await self.open_generation(raw_request, response_id, [prompt], params, arrival_time, "messages")
         head = dict(id=response_id, created=unix_now(), model=self.engine.model_name)
         if request.stream:
-            return event_stream(self._stream(request, generation, head), generation)
+            return event_stream(self._stream(request, generation, head), generation, self.stream_cutoff)
         choices = await until_disconnect(raw_request, self._collect(request, generation))
         response = ChatCompletionResponse(**head, choices=choices, usage=generation.usage())
         return JSONResponse(response.model_dump())

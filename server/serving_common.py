@@ -54,11 +54,13 @@ class OpenAIServing:
     """Base of the completions and chat handlers."""
 
     def __init__(
-        self, engine: EngineClient, metrics: ServerMetrics, tokenizer_pool: ThreadPoolExecutor, limits: EdgeLimits
+        self, engine: EngineClient, metrics: ServerMetrics, tokenizer_pool: ThreadPoolExecutor, limits: EdgeLimits,
+        stream_cutoff: asyncio.Event | None = None,
     ):
         self.engine = engine
         self.metrics = metrics
         self.limits = limits
+        self.stream_cutoff = stream_cutoff or asyncio.Event()  # set at the end of a shutdown's drain
         # One thread: HF fast tokenizers are not safe to share, and tokenization never runs on the event
         # loop. Jobs queue in arrival order; each is bounded by limits.max_text_chars.
         self._tokenizer_pool = tokenizer_pool
@@ -166,17 +168,30 @@ def check_model(engine: EngineClient, name: str | None) -> None:
         )
 
 
-def event_stream(events: AsyncIterator[str], generation: Generation) -> EventSourceResponse:
-    """`data: <json>` events, then `data: [DONE]`; an error after the start becomes an error event.
+def event_stream(events: AsyncIterator[str], generation: Generation, cutoff: asyncio.Event) -> EventSourceResponse:
+    """`data: <json>` events, then `data: [DONE]`; an error after the start becomes an error event, and
+    so does `cutoff` (the end of a shutdown's drain) for a stream still running then.
     No pings or comments: strict clients accept only `data:` lines."""
 
     async def framed() -> AsyncIterator[str]:
+        cut = asyncio.ensure_future(cutoff.wait())
         try:
-            async for data in events:
-                yield data
+            while True:
+                following = asyncio.ensure_future(anext(events))
+                await asyncio.wait({following, cut}, return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    following.cancel()
+                    yield APIError(503, "the server is shutting down; the stream was cut at the end of the drain",
+                                   code="server_shutting_down").to_json()
+                    break
+                try:
+                    yield following.result()
+                except StopAsyncIteration:
+                    break
         except Exception as err:
             yield as_api_error(err).to_json()
         finally:
+            cut.cancel()
             await generation.close()
         yield "[DONE]"
 

@@ -87,7 +87,7 @@ class CompletionServing(OpenAIServing):
         choices = _Choices(self, request, texts, prompts)
         head = dict(id=response_id, created=unix_now(), model=self.engine.model_name)
         if request.stream:
-            return event_stream(self._stream(request, generation, choices, head), generation)
+            return event_stream(self._stream(request, generation, choices, head), generation, self.stream_cutoff)
         await until_disconnect(raw_request, self._collect(generation, choices))
         response = CompletionResponse(**head, choices=choices.final(), usage=generation.usage())
         return JSONResponse(response.model_dump())
