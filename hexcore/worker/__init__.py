@@ -1,0 +1,2 @@
+"""What runs inside a worker process (one per device): its main loop, the stage runner that computes
+one rank's share of a step and passes hidden states on, and the sampler of the last stage."""
