@@ -116,6 +116,16 @@ class ServerSpec(_Spec):
     drain_seconds: float = Field(default=30.0, gt=0)  # on SIGTERM/SIGINT: how long in-flight requests may finish
 
 
+class ClusterSpec(_Spec):
+    """How the hosts of a multi-host deployment join (ignored when every device is on the head)."""
+
+    node_name: str = "head"  # devices on this node (or with no node) run on the head
+    host: str = "127.0.0.1"  # where the cluster port listens: an address the other hosts reach
+    port: int = Field(default=8478, ge=1, le=65535)
+    token_file: str | None = None  # else $HEXGEN_CLUSTER_TOKEN
+    join_timeout_seconds: float = Field(default=120.0, gt=0)
+
+
 class EngineSpec(_Spec):
     """Engine knobs (an extension of the deployment file; every field has a sane default)."""
 
@@ -144,10 +154,21 @@ class DeploymentConfig(_Spec):
     )
     server: ServerSpec = ServerSpec()
     engine: EngineSpec = EngineSpec()
+    cluster: ClusterSpec = ClusterSpec()
 
     @property
     def replica_names(self) -> list[str]:
         return [replica.name or f"r{i}" for i, replica in enumerate(self.replicas)]
+
+    def node_of(self, device: Device) -> str | None:
+        """The node a device runs on, None for the head."""
+        return None if device.node in (None, self.cluster.node_name) else device.node
+
+    @property
+    def remote_nodes(self) -> list[str]:
+        """The nodes other than the head that the deployment places devices on, in order."""
+        nodes = [self.node_of(d) for r in self.replicas for s in r.stages for d in s.parsed_devices]
+        return list(dict.fromkeys(n for n in nodes if n is not None))
 
 
 def load_config(path: str | Path) -> DeploymentConfig:

@@ -33,9 +33,16 @@ def torch_device(device: Device) -> torch.device:
 # OpenMP threads that sleep rather than spin while waiting: a worker whose sibling thread is
 # descheduled (a busy machine, or more workers than cores) then loses little instead of most of its
 # speed (figures: BENCHMARKS.md, Engine throughput).
-# GLOO_SOCKET_IFNAME: gloo binds its sockets to loopback, not to the address the hostname resolves to
-# (a one-host deployment opens nothing to the network).
-WORKER_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE", "GLOO_SOCKET_IFNAME": "lo"}
+WORKER_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def gloo_interface(store_host: str) -> str:
+    """The interface gloo binds its sockets to: $GLOO_SOCKET_IFNAME if the user set it, else the one this
+    host reaches its replica's store through (loopback for a one-host deployment, so it opens nothing to
+    the network; not the address the hostname resolves to, torch's default)."""
+    from hexcore.cluster.host import interface_toward
+
+    return os.environ.get("GLOO_SOCKET_IFNAME") or interface_toward(store_host)
 
 
 def default_num_threads(num_local_workers: int) -> int:

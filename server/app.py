@@ -214,21 +214,16 @@ def _openapi_without_422(app: FastAPI) -> Callable[[], dict]:
     return openapi
 
 
-def _max_n_of(engine: EngineClient) -> int:
-    """server.max_n of the engine's deployment, if it has one (AsyncEngine keeps its config)."""
-    server_spec = getattr(getattr(engine, "config", None), "server", None)
-    return getattr(server_spec, "max_n", None) or ServerSpec().max_n
-
 
 def build_app(
     engine: EngineClient,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     on_start_failure: Callable[[BaseException], None] = lambda err: None,
-    max_n: int | None = None,
+    max_n: int = ServerSpec().max_n,
 ) -> FastAPI:
     """The HTTP app over `engine`. Its lifespan starts the engine in the background and shuts it down.
-    `max_n` (default: the deployment's server.max_n) bounds the choices one request may ask for."""
+    `max_n` (the deployment's server.max_n) bounds the choices one request may ask for."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -243,7 +238,7 @@ def build_app(
     app = FastAPI(title="hexgen", version=hexgen_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     metrics_ = ServerMetrics(engine)
     tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hexgen-tokenizer")
-    limits = EdgeLimits(engine, max_n=max_n if max_n is not None else _max_n_of(engine))
+    limits = EdgeLimits(engine, max_n=max_n)
     cutoff = asyncio.Event()
     app.state.hexgen = ServerState(
         engine=engine,

@@ -9,6 +9,7 @@ import sys
 # module -> its `register(subparsers)` adds one or more subcommands that set `func`
 _SUBCOMMAND_MODULES = [
     "server.serve_command",  # hexgen serve
+    "hexcore.cluster.node_command",  # hexgen node
     "planning.plan_command",  # hexgen plan, hexgen simulate
     "planning.loadgen.command",  # hexgen bench serve
     "planning.calibrate.command",  # hexgen calibrate

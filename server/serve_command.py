@@ -32,8 +32,15 @@ def register(subparsers) -> None:
     parser.add_argument("--model", help="'default' (SmolLM2-135M-Instruct) or an HF model directory")
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free port)")
-    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
+    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health, "
+                                          "/metrics, /version and /openapi.json")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    across = parser.add_argument_group("across hosts (the deployment file's `cluster:`; see `hexgen node`)")
+    across.add_argument("--node-name", help="this host's node name (default head): its devices run here")
+    across.add_argument("--cluster-host", help="where the cluster port listens (default 127.0.0.1)")
+    across.add_argument("--cluster-port", type=int, help="the cluster port (default 8478)")
+    across.add_argument("--token-file", help="file holding the cluster token (else $HEXGEN_CLUSTER_TOKEN)")
+    across.add_argument("--join-timeout", type=float, help="seconds to wait for the nodes (default 120)")
     parser.set_defaults(func=run)
 
 
@@ -55,6 +62,10 @@ def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
     for field, value in (("host", args.host), ("port", args.port), ("api_key", args.api_key)):
         if value is not None:
             raw["server"][field] = value
+    for field, value in (("node_name", args.node_name), ("host", args.cluster_host), ("port", args.cluster_port),
+                         ("token_file", args.token_file), ("join_timeout_seconds", args.join_timeout)):
+        if value is not None:
+            raw["cluster"][field] = value
     return parse_config(raw, source=args.config or "command line")
 
 
@@ -104,7 +115,7 @@ async def _serve(deployment, sock: socket.socket, log_level: str) -> int:
         return stop
 
     engine = AsyncEngine(deployment, on_fatal=stop_with("the engine stopped"))
-    app = build_app(engine, api_key=deployment.config.server.api_key,
+    app = build_app(engine, api_key=deployment.config.server.api_key, max_n=deployment.config.server.max_n,
                     on_start_failure=stop_with("the engine failed to start"))
     server = _DrainingServer(uvicorn.Config(
         app, log_level=log_level, log_config=None,  # uvicorn logs through our root handler and format

@@ -25,6 +25,7 @@ from hexcore.engine.replica import Replica, SeqResult
 from hexcore.engine.router import Router
 from hexcore.engine.sequence import Sequence, SequenceStatus
 from hexcore.engine.supervisor import Failure, Supervisor
+from hexcore.cluster.head import ClusterHead, join_cluster
 from hexcore.executor.rendezvous import Rendezvous
 from hexcore.executor.replica_workers import WorkerFailure
 from hexcore.outputs import ChoiceDelta, RequestError, RequestOutput, TokenLogprob
@@ -63,15 +64,17 @@ class _Request:
 
 
 class EngineCore:
-    def __init__(self, deployment: ResolvedDeployment, tokenizer):
+    def __init__(self, deployment: ResolvedDeployment, tokenizer, cluster: ClusterHead | None = None):
         self.deployment = deployment
+        self.cluster = cluster  # the other hosts' agents, when the deployment spans hosts
         self.tokenizer = tokenizer
         self.max_model_len = deployment.max_model_len
         eos = tokenizer.eos_token_id
         self.eos_token_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         engine = deployment.config.engine
-        self.rendezvous = Rendezvous()
-        self.replicas = [Replica(plan, engine, self.eos_token_ids, self.rendezvous) for plan in deployment.replicas]
+        self.rendezvous = Rendezvous(cluster.host if cluster is not None else "127.0.0.1")
+        self.replicas = [Replica(plan, engine, self.eos_token_ids, self.rendezvous, cluster)
+                         for plan in deployment.replicas]
         self.router = Router(self.replicas)
         self._wakeup = Wakeup()
         self.supervisor = Supervisor(self.replicas, engine.max_restart_attempts, self._wakeup.set)
@@ -82,11 +85,19 @@ class EngineCore:
 
     @classmethod
     def launch(cls, deployment: ResolvedDeployment) -> "EngineCore":
-        """The one way an engine comes up: load the tokenizer, start every replica's workers."""
+        """The one way an engine comes up: load the tokenizer, wait for the other hosts' agents (a
+        deployment across hosts), start every replica's workers."""
         from transformers import AutoTokenizer
 
-        core = cls(deployment, AutoTokenizer.from_pretrained(deployment.model_dir))
-        core.start()
+        tokenizer = AutoTokenizer.from_pretrained(deployment.model_dir)
+        cluster = join_cluster(deployment.config)
+        try:
+            core = cls(deployment, tokenizer, cluster)
+            core.start()
+        except BaseException:
+            if cluster is not None:
+                cluster.close()
+            raise
         return core
 
     # lifecycle
@@ -104,6 +115,8 @@ class EngineCore:
         for replica in self.replicas:
             replica.workers.shutdown()
         self.rendezvous.close()
+        if self.cluster is not None:
+            self.cluster.close()
 
     def wake(self) -> None:
         """Make a waiting `step()` return now (safe from any thread)."""

@@ -12,6 +12,7 @@ from typing import Callable
 from hexcore.engine.block_manager import BlockManager
 from hexcore.config import EngineSpec
 from hexcore.executor.deployment import ResolvedReplica
+from hexcore.cluster.head import ClusterHead
 from hexcore.executor.rendezvous import Rendezvous
 from hexcore.executor.messages import PromptScoring, SeqSampling, StepBatch, StepResult
 from hexcore.outputs import TokenLogprob
@@ -64,14 +65,14 @@ class SeqResult:
 
 class Replica:
     def __init__(self, plan: ResolvedReplica, engine: EngineSpec, eos_token_ids: tuple[int, ...],
-                 rendezvous: Rendezvous):
+                 rendezvous: Rendezvous, cluster: ClusterHead | None = None):
         self.name = plan.name
         self.plan = plan
         self.engine = engine
         self.eos_token_ids = eos_token_ids
         self.num_micro_batches = plan.num_micro_batches
-        self.rendezvous = rendezvous
-        self.workers = ReplicaWorkers(plan.workers, rendezvous)
+        self.rendezvous, self.cluster = rendezvous, cluster
+        self.workers = ReplicaWorkers(plan.workers, rendezvous, cluster)
         self._new_queues()
         self._next_step_id = 0
         self.metrics = ReplicaMetrics()
@@ -94,7 +95,7 @@ class Replica:
 
     def started_workers(self) -> ReplicaWorkers:
         """New worker processes for this replica, started and warm (the caller's thread waits)."""
-        workers = ReplicaWorkers(self.plan.workers, self.rendezvous)
+        workers = ReplicaWorkers(self.plan.workers, self.rendezvous, self.cluster)
         workers.start()
         try:
             self._warm_up(workers)

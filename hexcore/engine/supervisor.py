@@ -70,8 +70,13 @@ class Supervisor:
         return bool(self._restarts)
 
     def stalls(self, now: float) -> list[Failure]:
+        """Replicas up whose step is past its deadline, or with a worker on a node the head has lost."""
         failures = []
         for replica in self.replicas:
+            lost = replica.workers.lost_node() if replica.is_up and replica.cluster is not None else None
+            if lost is not None:
+                failures.append(Failure(replica, str(lost)))
+                continue
             step = replica.stalled_step(now) if replica.is_up else None
             if step is not None:
                 failures.append(Failure(replica, f"replica {replica.name!r}: step {step.batch.step_id} stalled "

@@ -85,7 +85,8 @@ def resolve(config: DeploymentConfig) -> ResolvedDeployment:
         backend = distributed_backend([Device.parse(d) for d in devices])
         workers = [WorkerSpec(replica=name, rank=rank, device=device, stages=stages, model_dir=model_dir,
                               dtype=config.dtype, max_model_len=max_model_len, num_kv_blocks=num_blocks,
-                              block_size=config.engine.block_size, num_threads=num_threads, backend=backend)
+                              block_size=config.engine.block_size, num_threads=num_threads, backend=backend,
+                              node=config.node_of(Device.parse(device)))
                    for rank, device in enumerate(devices)]
         micro_batches = config.engine.num_micro_batches or len(spec.stages)
         replicas.append(ResolvedReplica(name, spec, workers, num_blocks, micro_batches))

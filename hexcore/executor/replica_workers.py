@@ -17,6 +17,7 @@ import time
 from multiprocessing.connection import Connection, wait
 
 from hexcore.executor.messages import Shutdown, StatsRequest, StepBatch, StepResult, WorkerFailed, WorkerReady, WorkerStats
+from hexcore.cluster.head import ClusterHead, RemoteWorkerProcess
 from hexcore.executor.rendezvous import Rendezvous
 from hexcore.executor.specs import WorkerSpec
 from hexcore.hardware import WORKER_ENVIRONMENT
@@ -43,7 +44,7 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
-def _context():
+def worker_context():
     """Workers fork from a server process that has imported torch once, so each start is fast and
     nothing of the driver's state (threads, open files, CUDA) leaks into a worker."""
     for name, value in WORKER_ENVIRONMENT.items():  # read by the forkserver when it starts
@@ -55,31 +56,48 @@ def _context():
 
 
 class ReplicaWorkers:
-    def __init__(self, specs: list[WorkerSpec], rendezvous: Rendezvous):
+    def __init__(self, specs: list[WorkerSpec], rendezvous: Rendezvous, cluster: ClusterHead | None = None):
         self.specs = specs
         self.rendezvous = rendezvous
+        self.cluster = cluster  # starts the workers whose spec names another node
         self.processes: list[mp.Process] = []
         self.conns: list[Connection] = []
         self.stats: dict[int, WorkerStats] = {}
 
     def start(self, timeout: float = 600.0) -> None:
-        context = _context()
+        context = worker_context()
         prefix = self.rendezvous.new_prefix(self.specs[0].replica)
         self.specs = [dataclasses.replace(spec, store_address=self.rendezvous.address, store_prefix=prefix)
                       for spec in self.specs]
-        for spec in self.specs:
-            parent, child = context.Pipe()
-            process = context.Process(target=worker_main, args=(spec, child), daemon=True,
-                                      name=f"hexgen-{spec.replica}-rank{spec.rank}")
-            process.start()
-            child.close()
-            self.processes.append(process)
-            self.conns.append(parent)
+        deadline = time.monotonic() + timeout
         try:
-            self._wait_ready(time.monotonic() + timeout)
+            for spec in self.specs:
+                if spec.node is None:
+                    parent, child = context.Pipe()
+                    process = context.Process(target=worker_main, args=(spec, child), daemon=True,
+                                              name=f"hexgen-{spec.replica}-rank{spec.rank}")
+                    process.start()
+                    child.close()
+                else:  # the node's agent starts it; it connects back to the head
+                    assert self.cluster is not None, f"{spec.label} is on node {spec.node!r} but no cluster was joined"
+                    process, parent = RemoteWorkerProcess(self.cluster, spec.node, spec), None
+                    process.start()
+                self.processes.append(process)
+                self.conns.append(parent)
+            for rank, spec in enumerate(self.specs):
+                if self.conns[rank] is None:
+                    self.conns[rank] = self._remote_connection(spec, deadline)
+            self._wait_ready(deadline)
         except BaseException:
             self.kill()
             raise
+
+    def _remote_connection(self, spec: WorkerSpec, deadline: float) -> Connection:
+        conn = self.cluster.worker_connection(spec.node, spec.store_prefix, spec.rank, deadline - time.monotonic())
+        if conn is None:
+            cause = self.cluster.exit_cause(spec.node, spec.store_prefix, spec.rank) or "it did not connect back in time"
+            raise WorkerStartupError(f"{spec.label} on node {spec.node!r} failed during startup: {cause}")
+        return conn
 
     def _wait_ready(self, deadline: float) -> None:
         pending = {conn: spec for conn, spec in zip(self.conns, self.specs)}
@@ -145,7 +163,14 @@ class ReplicaWorkers:
     def _failure(self, rank: int, cause: str | None = None) -> WorkerFailure:
         process = self.processes[rank]
         process.join(timeout=1.0)
-        return WorkerFailure(self.specs[rank], cause or describe_exit(process.exitcode))
+        return WorkerFailure(self.specs[rank], cause or getattr(process, "cause", None) or describe_exit(process.exitcode))
+
+    def lost_node(self) -> WorkerFailure | None:
+        """A failure for the first worker whose node the head has lost (its connections may never break)."""
+        for rank, spec in enumerate(self.specs):
+            if spec.node is not None and self.processes and not self.cluster.is_node_alive(spec.node):
+                return WorkerFailure(spec, f"node {spec.node!r} lost")
+        return None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Ask every worker to stop, then kill those still running after `timeout`."""
@@ -167,5 +192,6 @@ class ReplicaWorkers:
         for process in self.processes:
             process.join(timeout=5)
         for conn in self.conns:
-            conn.close()
+            if conn is not None:
+                conn.close()
         self.processes, self.conns = [], []

@@ -35,6 +35,7 @@ class WorkerSpec:
     block_size: int
     num_threads: int
     backend: str  # gloo | nccl, chosen for the whole replica by hexcore.hardware
+    node: str | None = None  # the host it runs on (None: the head's)
     store_address: str = ""  # host:port of the driver's c10d store (executor/rendezvous.py): set at each start
     store_prefix: str = ""  # this start's keys in it
 

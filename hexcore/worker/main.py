@@ -5,6 +5,7 @@ its KV cache, reports ready, then runs the StepBatches the driver sends until to
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import traceback
 from datetime import timedelta
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from hexcore.config import Device
-from hexcore.hardware import check_available, torch_device
+from hexcore.hardware import check_available, gloo_interface, torch_device
 from hexcore.executor.rendezvous import join_store
 from hexcore.executor.messages import Shutdown, StatsRequest, StepBatch, WorkerFailed, WorkerReady
 from hexcore.executor.specs import WorkerSpec
@@ -56,6 +57,9 @@ def _build_runner(spec: WorkerSpec) -> StageRunner:
     torch.set_num_threads(spec.num_threads)
     if device.is_cuda:
         torch.cuda.set_device(device.index)
+    store_host = spec.store_address.rsplit(":", 1)[0].strip("[]")
+    if spec.backend == "gloo":
+        os.environ["GLOO_SOCKET_IFNAME"] = gloo_interface(store_host)
     store = join_store(spec.store_address, spec.store_prefix, _STARTUP_TIMEOUT)
     dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.world_size,
                             timeout=_STARTUP_TIMEOUT)
