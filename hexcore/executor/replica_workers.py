@@ -17,6 +17,7 @@ import time
 from multiprocessing.connection import Connection, wait
 
 from hexcore.executor.messages import Shutdown, StatsRequest, StepBatch, StepResult, WorkerFailed, WorkerReady, WorkerStats
+from hexcore.cluster.channel import receive
 from hexcore.cluster.head import ClusterHead, RemoteWorkerProcess
 from hexcore.executor.rendezvous import Rendezvous
 from hexcore.executor.specs import WorkerSpec
@@ -150,7 +151,7 @@ class ReplicaWorkers:
         """Read one message from a worker; results are returned, stats are stored, failures raise."""
         rank = self.conns.index(conn)
         try:
-            message = conn.recv()
+            message = receive(conn)  # bounded: a remote worker's connection crosses the network
         except (EOFError, OSError):
             raise self._failure(rank) from None
         if isinstance(message, WorkerFailed):
