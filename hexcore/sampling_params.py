@@ -3,7 +3,11 @@ names the offending parameter (`err.param`), so the HTTP layer can answer 400 wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
 
 
 class InvalidParameter(ValueError):
@@ -47,12 +51,17 @@ class SamplingParams:
             ("min_p", 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "repetition_penalty must be positive"),
+            ("repetition_penalty", 0 < self.repetition_penalty < math.inf, "repetition_penalty must be positive and finite"),
+            ("seed", self.seed is None or -2**63 <= self.seed < 2**63, "seed must fit in 64 bits"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              "prompt_logprobs must be in [0, 20]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
-            ("stop", len(self.stop) <= 16, "at most 16 stop strings"),
+            ("stop", len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings"),
+            ("stop", all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop),
+             f"stop strings have at most {MAX_STOP_STRING_CHARS} characters"),
+            ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids must be non-negative integers"),
         ]
         for param, ok, message in checks:
             if not ok:

@@ -8,12 +8,12 @@ request models in server/protocol.py, so they are also published in the OpenAPI 
 from __future__ import annotations
 
 from hexcore.engine.client import EngineClient
+from hexcore.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from server.errors import bad_request
 from server.protocol import SamplingRequest
 
-# OpenAI allows 4 stop sequences; these are lenient, but bounded (each is matched after every token).
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
+# OpenAI allows 4 stop sequences; ours are lenient, but bounded (each is matched after every token):
+# MAX_STOP_STRINGS of at most MAX_STOP_STRING_CHARS (hexcore/sampling_params.py checks them too).
 MAX_STOP_TOKEN_IDS = 1024
 
 

@@ -156,6 +156,8 @@ class EngineCore:
             raise InvalidParameter("prompt", "the prompt is empty")
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidParameter("prompt", f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):  # a worker indexes the vocabulary with them
+            raise InvalidParameter("stop_token_ids", f"stop_token_ids must be in [0, {vocab})")
         if num_prompt >= self.max_model_len:
             raise InvalidParameter("prompt", f"the prompt has {num_prompt} tokens, but max_model_len is "
                                              f"{self.max_model_len} (the prompt must leave room for one token)")
