@@ -169,3 +169,50 @@ def test_a_killed_agent_fails_over_only_its_replica(three_hosts, tiny_model_dir,
     assert result["errors"] == [] and result["same"], "".join(lines)
     assert result["resumed"]["r1"] > 0 and result["resumed"]["r0"] == 0
     assert agents["a"].poll() is None, "the other agent stays up"
+
+
+CHAT = textwrap.dedent('''
+    import sys
+    import openai
+
+    client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0, timeout=120)
+    stream = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24, temperature=0.0, stream=True)
+    print("ANSWER " + "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices), flush=True)
+''')
+
+
+def test_smollm2_chat_streams_across_hosts_and_sigterm_leaves_no_worker(three_hosts, tmp_path):
+    cluster = three_hosts
+    agents = {name: start_agent(cluster, name, cluster.address("head")) for name in ("a", "b")}
+    raw = {"model": "default", "replicas": [{"name": "r0", "stages": [
+        {"devices": ["cpu"], "layers": 10}, {"devices": ["a/cpu"], "layers": 10}, {"devices": ["b/cpu"], "layers": 10}]}],
+        "cluster": {"node_name": "head", "host": cluster.address("head"), "port": PORT, "join_timeout_seconds": 60}}
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    head = cluster.popen("head", [sys.executable, "-m", "server.entrypoint", "serve", "--config", str(path),
+                                  "--port", "8000", "--log-level", "info"], env=environment(), cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    (tmp_path / "chat.py").write_text(CHAT)
+    deadline = time.monotonic() + 240
+    while True:  # the chat client polls until the server answers
+        chat = cluster.run("head", [sys.executable, str(tmp_path / "chat.py"), "http://127.0.0.1:8000"],
+                           env=environment(), cwd=REPO, timeout=180)
+        if chat.returncode == 0 or time.monotonic() > deadline or head.poll() is not None:
+            break
+        time.sleep(2)
+    assert chat.returncode == 0, chat.stdout + chat.stderr
+    assert "Paris" in chat.stdout
+    workers = {host: [pid for pid in cluster.pids(host) if Path(f"/proc/{pid}/comm").read_text().startswith("hx-")]
+               for host in ("head", "a", "b")}
+    assert all(workers.values()), workers  # a worker on every host
+    head.send_signal(signal.SIGTERM)
+    output, _ = head.communicate(timeout=60)
+    assert head.returncode == 0, output
+    time.sleep(2)
+    assert cluster.pids("head") == [], "nothing of hexgen is left on the head"
+    for host in ("a", "b"):
+        alive = [pid for pid in workers[host] if Path(f"/proc/{pid}").exists()]
+        assert alive == [], f"workers left on {host}"
+        assert agents[host].poll() is None, "the agents stay up for the next deployment"
