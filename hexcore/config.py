@@ -140,7 +140,8 @@ class EngineSpec(_Spec):
     # a step still in flight this long (plus 4x its expected time) means a stalled worker: its replica
     # is failed over and restarted, as if a worker had died
     stall_timeout_seconds: float = Field(default=15.0, gt=0)
-    max_restart_attempts: int = Field(default=3, ge=1)  # a replica not back after this many: the engine stops
+    # a replica not back after this many restarts (backoff 0.5 s, doubling up to 30 s): the engine stops
+    max_restart_attempts: int = Field(default=5, ge=1)
 
 
 class DeploymentConfig(_Spec):
