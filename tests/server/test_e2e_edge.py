@@ -4,20 +4,14 @@ and killed the engine) is a 400 naming it, and the server keeps serving."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import threading
-import time
-from pathlib import Path
-
 import httpx
 import pytest
 import yaml
 
 from hexcore.executor.ports import free_port
+from server.serve_process import ServeProcess
 from tests.conftest import deployment
 
-REPO = Path(__file__).resolve().parents[2]
 API_KEY = "edge-key"
 
 
@@ -25,26 +19,10 @@ API_KEY = "edge-key"
 def test_out_of_vocabulary_stop_token_id_is_400_and_the_next_request_succeeds(tiny_model_dir, tmp_path):
     config = tmp_path / "deploy.yaml"
     config.write_text(yaml.safe_dump(deployment(tiny_model_dir, [(1, 8)])))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server.entrypoint", "serve", "--config", str(config), "--port", str(port),
-         "--api-key", API_KEY, "--log-level", "warning"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    server = ServeProcess(config, free_port(), "--api-key", API_KEY, "--log-level", "warning")
+    url = server.url
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, "server exited:\n" + "".join(lines)
-            assert time.monotonic() < deadline, "server not healthy in time:\n" + "".join(lines)
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        server.wait_healthy()
         model = httpx.get(f"{url}/v1/models", headers={"Authorization": f"bearer {API_KEY}"}).json()["data"][0]["id"]
         headers = {"Authorization": f"Bearer {API_KEY}"}
         body = {"model": model, "prompt": "hi", "stop_token_ids": [1_000_000_000], "min_tokens": 1, "max_tokens": 4}
@@ -62,11 +40,7 @@ def test_out_of_vocabulary_stop_token_id_is_400_and_the_next_request_succeeds(ti
         assert 'hexgen_requests_rejected_total{reason="invalid_request"} 1.0' in metrics
         assert 'hexgen_requests_rejected_total{reason="unauthorized"} 1.0' in metrics
         assert 'finish_reason="abort",replica="unknown"' not in metrics
-        assert process.poll() is None
+        assert server.process.poll() is None
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    assert "Traceback" not in "".join(lines), "".join(lines)
+        server.stop()
+    assert "Traceback" not in server.output, server.output
