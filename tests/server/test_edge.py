@@ -20,6 +20,7 @@ from server.app import build_app
 from server.limits import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from tests.server.conftest import serve_in_thread
 from tests.server.fake_engine import FakeEngine
+from tests.server.test_errors import assert_error
 
 MAX_N = 8
 GOOD = {"model": "fake-model", "prompt": "Hello world", "max_tokens": 3, "temperature": 0}
@@ -31,15 +32,6 @@ def post_json(client, path: str, body, **kwargs) -> httpx.Response:
     encoder would fail on them before sending."""
     headers = {"content-type": "application/json", **kwargs.pop("headers", {})}
     return client.post(path, content=json.dumps(body).encode(), headers=headers, **kwargs)
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    return error
 
 
 @pytest.fixture(scope="module")
