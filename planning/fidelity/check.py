@@ -20,7 +20,7 @@ from hexcore.config import DeploymentConfig, EngineSpec, ReplicaSpec, StageSpec
 from planning.inputs.cluster import ClusterSpec, LinksSpec, NodeSpec, build_cluster
 from planning.inputs.catalog import DeviceFile, DeviceSpec
 from planning.simulate.evaluate import replica_costs
-from planning.fidelity.replay import Measurement, StepShape
+from planning.fidelity.replay import Measurement, StepTokens
 from planning.inputs.models import load_model
 from planning.placement import plan_from_config
 from planning.cost.replica_cost import ReplicaCost
@@ -108,7 +108,7 @@ def as_planned(config: DeploymentConfig, costs: list[ReplicaCost], workload: Wor
     return config.model_copy(update={"replicas": replicas})
 
 
-def step_seconds(cost: ReplicaCost, shape: StepShape) -> float:
+def step_seconds(cost: ReplicaCost, shape: StepTokens) -> float:
     """The cost model's compute time of one engine step, summed over the stages.
 
     attended pairs: a sequence with q new tokens after c - q cached ones computes q * (c - q) + q(q+1)/2

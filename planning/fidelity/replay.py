@@ -20,7 +20,7 @@ from planning.inputs.workload import Request
 
 
 @dataclass(frozen=True)
-class StepShape:
+class StepTokens:
     """What one engine step computed: per sequence its new tokens, its context after the step
     (cached + new) and whether a token was sampled."""
 
@@ -36,7 +36,7 @@ class StepShape:
 @dataclass(frozen=True)
 class MeasuredStep:
     replica: str
-    shape: StepShape
+    shape: StepTokens
     stage_seconds: dict[int, float]  # stage -> the slowest rank's compute time
 
 
@@ -72,7 +72,7 @@ def run_trace(config: DeploymentConfig, requests: list[Request], seed: int = 0) 
         cold = [r.name for r in core.replicas if r.metrics.num_steps == 0]
         if cold:  # replicas of very unequal capacity: the router sent every warm-up elsewhere
             raise RuntimeError(f"the warm-up did not reach replicas {cold}; their first steps would be measured cold")
-        shapes: dict[tuple[str, int], StepShape] = {}
+        shapes: dict[tuple[str, int], StepTokens] = {}
         for replica in core.replicas:
             _record_submits(replica, shapes)
         intervals = _WorkerIntervals()
@@ -109,12 +109,12 @@ def run_trace(config: DeploymentConfig, requests: list[Request], seed: int = 0) 
     return Measurement(times, steps, os.getloadavg()[0])
 
 
-def _record_submits(replica, shapes: dict[tuple[str, int], StepShape]) -> None:
+def _record_submits(replica, shapes: dict[tuple[str, int], StepTokens]) -> None:
     """Keep every step's composition by step id, as the replica submits it."""
 
     def record(batch) -> None:
         num_sampled = sum(spec is not None for spec in batch.sampling)
-        shapes[(replica.name, batch.step_id)] = StepShape(tuple(batch.query_lens), tuple(batch.context_lens),
+        shapes[(replica.name, batch.step_id)] = StepTokens(tuple(batch.query_lens), tuple(batch.context_lens),
                                                           num_sampled)
 
     replica.step_observers.append(record)
@@ -138,7 +138,7 @@ class _WorkerIntervals:
                 for step_id, started, ended in stats.recent_steps:
                     self.seconds.setdefault((replica.name, step_id), {})[rank] = ended - started
 
-    def join(self, core, shapes: dict[tuple[str, int], StepShape]) -> list[MeasuredStep]:
+    def join(self, core, shapes: dict[tuple[str, int], StepTokens]) -> list[MeasuredStep]:
         """Steps with their shape and, per stage, the slowest rank's compute time."""
         steps = []
         for replica in core.replicas:

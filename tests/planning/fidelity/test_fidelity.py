@@ -12,7 +12,7 @@ from planning.inputs.catalog import DeviceFile, DeviceSpec, LinkSpec
 from planning.fidelity.check import (DEPLOYMENTS, METRICS, Figures, Row, as_planned, deployment_config, markdown_table,
                                shared_device, predicted_costs, rows_of, step_seconds, summary)
 from planning.calibrate.tp import latency_per_call
-from planning.fidelity.replay import MeasuredStep, StepShape
+from planning.fidelity.replay import MeasuredStep, StepTokens
 from planning.inputs.models import load_model
 from planning.simulate.simulator import simulate
 from planning.inputs.workload import Request, WorkloadSpec
@@ -38,8 +38,8 @@ def test_every_deployment_fits_smollm2_and_tp2_cannot():
 def test_step_cost_of_an_engine_step_matches_the_cost_model_helpers():
     (tp1,) = predicted_costs(deployment_config("TP1"), DEVICE)
     stage = tp1.stages[0]
-    prefill = StepShape(query_lens=(64,), context_lens=(64,), num_sampled=1)
-    decode = StepShape(query_lens=(1, 1, 1), context_lens=(81, 81, 81), num_sampled=3)
+    prefill = StepTokens(query_lens=(64,), context_lens=(64,), num_sampled=1)
+    decode = StepTokens(query_lens=(1, 1, 1), context_lens=(81, 81, 81), num_sampled=3)
     assert prefill.is_prefill and not decode.is_prefill
     assert step_seconds(tp1, prefill) == pytest.approx(stage.prefill_time(30, 64))
     assert step_seconds(tp1, decode) == pytest.approx(stage.decode_time(30, 3, 80))
@@ -142,7 +142,7 @@ def test_workers_beyond_the_cores_share_them():
     assert shared_device(device, 3, 2) == half
     (alone,) = predicted_costs(deployment_config("TP3"), DEVICE, num_cores=3)
     (shared,) = predicted_costs(deployment_config("TP3"), DEVICE, num_cores=2)
-    decode = StepShape(query_lens=(1,), context_lens=(64,), num_sampled=1)
+    decode = StepTokens(query_lens=(1,), context_lens=(64,), num_sampled=1)
     assert step_seconds(shared, decode) > step_seconds(alone, decode)
 
 
@@ -160,8 +160,8 @@ def test_tp_calibration_spreads_unexplained_step_time_over_the_all_reduces():
     no_latency = DEVICE.model_copy(update={"link": LINK.model_copy(
         update={"allreduce_latency_ms": 0.0, "allreduce_latency_ms_by_tp": {3: 0.0}})})
     (bare,) = predicted_costs(config, no_latency)
-    shapes = [StepShape(query_lens=(64, 16), context_lens=(64, 16), num_sampled=2),
-              StepShape(query_lens=(1,) * 8, context_lens=(70,) * 8, num_sampled=8)]
+    shapes = [StepTokens(query_lens=(64, 16), context_lens=(64, 16), num_sampled=2),
+              StepTokens(query_lens=(1,) * 8, context_lens=(70,) * 8, num_sampled=8)]
     # each step took the model's time plus 2.5 ms for each of its 2 x 30 all-reduces
     steps = [MeasuredStep("r0", shape, {0: step_seconds(bare, shape) + 60 * 2.5e-3}) for shape in shapes]
     assert latency_per_call(DEVICE, config, steps) == pytest.approx([2.5e-3, 2.5e-3])
