@@ -82,7 +82,7 @@ class PartitionScorer:
         self._capacity: dict[Group, float] = {}
         self._cost: dict[Group, ReplicaCost] = {}
         self._layout: dict[Group, ReplicaLayout | None] = {}
-        self._option_cache: dict[Group, list[tuple[ReplicaLayout, ReplicaCost, float]]] = {}
+        self._option_cache: dict[Group, list[tuple[ReplicaLayout, ReplicaCost, float, bool]]] = {}
         self.best_fitness: Fitness = INFEASIBLE
         self.num_simulated = 0
 
@@ -98,40 +98,49 @@ class PartitionScorer:
         """The feasible groups of the partition with their chosen layouts."""
         return [(g, self.layout(g)) for g in self.feasible(partition)]
 
-    def _options(self, group: Group) -> list[tuple[ReplicaLayout, ReplicaCost, float]]:
-        """The DP's shortlist for the group, each layout with its cost model and the cost model's
-        saturated throughput (analytic: no simulation)."""
+    def _options(self, group: Group) -> list[tuple[ReplicaLayout, ReplicaCost, float, bool]]:
+        """The layouts the scorer chooses from, each with its cost model, the cost model's saturated
+        throughput (analytic) and whether it serves the workload's longest request alone within the
+        deadline: the DP's shortlist, and when none of it meets the deadline, every other layout the
+        DP considers that does (the deadline is a constraint of the layout; only then, so that loose
+        deadlines cost no more DP work)."""
         if group not in self._option_cache:
-            w = self.workload
-            options = []
-            for layout in self.replica_planner.shortlist(group):
-                (replica,) = self.to_plan([(group, layout)]).replicas
-                cost = replica_cost(self.cluster, self.model, replica, self.engine)
-                options.append((layout, cost, cost.throughput_rps(w.mean_prompt_len, w.mean_output_len, w.max_total_len)))
+            options = [self._option(group, layout) for layout in self.replica_planner.shortlist(group)]
+            if options and not any(fits for *_, fits in options):
+                shortlist = {layout for layout, *_ in options}
+                for layout in self.replica_planner.every_layout(group):
+                    if layout not in shortlist and (option := self._option(group, layout))[3]:
+                        options.append(option)
             self._option_cache[group] = options
         return self._option_cache[group]
 
+    def _option(self, group: Group, layout: ReplicaLayout) -> tuple[ReplicaLayout, ReplicaCost, float, bool]:
+        w = self.workload
+        (replica,) = self.to_plan([(group, layout)]).replicas
+        cost = replica_cost(self.cluster, self.model, replica, self.engine)
+        estimate = cost.throughput_rps(w.mean_prompt_len, w.mean_output_len, w.max_total_len)
+        return layout, cost, estimate, unloaded_latency_s(cost, w) <= w.slo_seconds
+
     def capacity_bound(self, group: Group) -> float:
-        """An upper bound on the simulated saturated throughput of any layout of the group's
-        shortlist: the cost model's figure plus CAPACITY_MARGIN."""
-        return max((estimate for _, _, estimate in self._options(group)), default=0.0) * (1 + CAPACITY_MARGIN)
+        """An upper bound on the simulated saturated throughput of any layout the group may take:
+        the cost model's figure plus CAPACITY_MARGIN."""
+        return max((estimate for _, _, estimate, _ in self._options(group)), default=0.0) * (1 + CAPACITY_MARGIN)
 
     def layout(self, group: Group) -> ReplicaLayout | None:
-        """Of the DP's shortlist (round times within a few % of the shortest), the layout that serves
-        the workload's longest request alone within the deadline, then carries the most load
-        (simulated saturated throughput), then comes first. Layouts whose capacity bound is below the
-        best simulated so far are not simulated."""
+        """Of the options (the DP's shortlist of round times within a few % of the shortest, widened
+        when it misses the deadline), the layout that serves the workload's longest request alone
+        within the deadline, then carries the most load (simulated saturated throughput), then comes
+        first. Layouts whose capacity bound is below the best simulated so far are not simulated."""
         if group not in self._layout:
             options = self._options(group)
-            fits = [unloaded_latency_s(cost, self.workload) <= self.workload.slo_seconds for _, cost, _ in options]
-            candidates = [i for i in range(len(options)) if fits[i] or not any(fits)]
+            candidates = [i for i, (*_, fits) in enumerate(options) if fits or not any(o[3] for o in options)]
             best, best_key = None, None
             for i in sorted(candidates, key=lambda i: (-options[i][2], i)):
-                layout, cost, estimate = options[i]
+                layout, cost, estimate, fits = options[i]
                 if best_key is not None and estimate * (1 + CAPACITY_MARGIN) < best_key[1]:
                     break
                 capacity = saturated_throughput_rps(cost, self.workload)
-                key = (fits[i], capacity, -i)
+                key = (fits, capacity, -i)
                 if best_key is None or key > best_key:
                     best, best_key = layout, key
                     self._cost[group], self._capacity[group] = cost, capacity
