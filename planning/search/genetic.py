@@ -66,7 +66,7 @@ def search(
         population = _unique(population + [mutate(rng.choice(population), rng)])
     best, stale = None, 0
     for generation in tqdm(range(params.generations), desc="plan", unit="gen", file=sys.stderr, disable=not show_progress):
-        ranked = sorted(population, key=lambda p: (scorer.fitness(p), p), reverse=True)
+        ranked = rank(population, scorer)
         if best is None or scorer.fitness(ranked[0]) > scorer.fitness(best):
             best, stale = ranked[0], 0
         else:
@@ -75,6 +75,14 @@ def search(
             break
         population = _next_generation(ranked, scorer, params, rng)
     return finish(scorer, best, started)
+
+
+def rank(partitions: list[Partition], scorer: PartitionScorer) -> list[Partition]:
+    """Best first. Scored in order of their capacity bound (cost model, nothing simulated), highest
+    first, so that the best plans are simulated early and the rest are pruned by their bounds."""
+    for partition in sorted(partitions, key=lambda p: (-scorer.bound(p), p)):
+        scorer.fitness(partition)
+    return sorted(partitions, key=lambda p: (scorer.fitness(p), p), reverse=True)
 
 
 def _next_generation(
@@ -99,7 +107,7 @@ def exhaustive(
     """The best of every grouping of the devices (small pools only): the reference for the search."""
     started = time.perf_counter()
     scorer = PartitionScorer(cluster, model, workload, engine, is_symmetric, num_sim_requests)
-    best = max(all_partitions(cluster), key=lambda p: (scorer.fitness(p), p))
+    best = rank(all_partitions(cluster), scorer)[0]
     return finish(scorer, best, started)
 
 

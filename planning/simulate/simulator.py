@@ -46,6 +46,9 @@ class Predicted:
     p99_tpot_s: float
     num_requests: int
     num_unservable: int  # requests no replica can hold
+    # requests finished while requests still arrive, per second of arrivals (throughput_rps also
+    # counts draining the queue after the last arrival, which flatters an overloaded plan)
+    steady_throughput_rps: float = 0.0
 
     def summary(self) -> dict:
         """The `predicted` object of `hexgen plan --json` and `hexgen simulate --json`."""
@@ -264,4 +267,11 @@ class _Simulation:
             p99_tpot_s=float(np.percentile(tpot, 99)),
             num_requests=num,
             num_unservable=num - len(self.finished),
+            steady_throughput_rps=_steady_throughput(requests, finish),
         )
+
+
+def _steady_throughput(requests: list[Request], finish: np.ndarray) -> float:
+    """Requests finished between the first and the last arrival, per second of that window."""
+    first, last = min(r.arrival for r in requests), max(r.arrival for r in requests)
+    return float(np.sum(finish <= last)) / (last - first) if last > first else 0.0
