@@ -54,15 +54,39 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
-def sample_one(logits: torch.Tensor, spec: SeqSampling) -> TokenLogprob:
-    """logits [V] float32 -> the chosen token, with its raw log-probability and top alternatives."""
+def apply_logit_bias(logits: torch.Tensor, logit_bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """OpenAI logit_bias: each value added to its token's logit (ids past the logits are ignored)."""
+    logits = logits.clone()
+    for token_id, bias in logit_bias:
+        if token_id < logits.numel():
+            logits[token_id] += bias
+    return logits
+
+
+def apply_grammar(logits: torch.Tensor, raw_logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Only the tokens the grammar allows. Should the bans have removed all of them (eos banned by
+    min_tokens when the grammar can only end), the grammar wins over the bans."""
+    masked = logits.masked_fill(~allowed, float("-inf"))
+    if not bool(torch.isfinite(masked).any()):
+        masked = raw_logits.masked_fill(~allowed, float("-inf"))
+    return masked
+
+
+def sample_one(logits: torch.Tensor, spec: SeqSampling, allowed: torch.Tensor | None = None) -> TokenLogprob:
+    """logits [V] float32 -> the chosen token, with its raw log-probability and top alternatives.
+    `allowed` [V] bool: the grammar's mask, applied after bans, bias and penalties and before
+    temperature, top-k, top-p and min-p."""
     params = spec.params
     raw_logits = logits
     if spec.banned_token_ids:
         logits = logits.clone()
         logits[list(spec.banned_token_ids)] = float("-inf")
+    if params.logit_bias:
+        logits = apply_logit_bias(logits, params.logit_bias)
     if params.has_penalties:
         logits = apply_penalties(logits, spec)
+    if allowed is not None:
+        logits = apply_grammar(logits, raw_logits, allowed)
     if params.is_greedy:
         token_id = int(torch.argmax(logits))
     else:
@@ -85,15 +109,20 @@ def scored_token(logprobs: torch.Tensor, token_id: int, num_top: int) -> TokenLo
 
 
 def is_plain_greedy(spec: SeqSampling) -> bool:
-    """The row's token is its logits' argmax: greedy, nothing banned or penalised, no logprobs."""
+    """The row's token is its logits' argmax: greedy, nothing banned, biased, penalised or constrained,
+    no logprobs."""
     params = spec.params
-    return params.is_greedy and not spec.banned_token_ids and not params.has_penalties and params.logprobs is None
+    return (params.is_greedy and not spec.banned_token_ids and not params.has_penalties and params.logprobs is None
+            and not params.logit_bias and params.grammar is None)
 
 
-def sample(logits: torch.Tensor, specs: list[SeqSampling]) -> list[TokenLogprob]:
-    """logits [N, V] float32, one row per spec. Plain greedy rows share one argmax over the batch
-    (the same token as their own argmax: one op instead of one per row)."""
+def sample(logits: torch.Tensor, specs: list[SeqSampling],
+           allowed: list[torch.Tensor | None] | None = None) -> list[TokenLogprob]:
+    """logits [N, V] float32, one row per spec; `allowed`: per row, its grammar's mask or None. Plain
+    greedy rows share one argmax over the batch (the same token as their own argmax: one op instead of
+    one per row)."""
+    allowed = allowed or [None] * len(specs)
     is_plain = [is_plain_greedy(spec) for spec in specs]
     best = logits.argmax(dim=-1).tolist() if any(is_plain) else []
-    return [TokenLogprob(best[i], 0.0) if is_plain[i] else sample_one(row, spec)
+    return [TokenLogprob(best[i], 0.0) if is_plain[i] else sample_one(row, spec, allowed[i])
             for i, (row, spec) in enumerate(zip(logits, specs))]
