@@ -71,7 +71,7 @@ def _errors(*statuses: int) -> dict:
     return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}
 
 
-_GENERATION_ERRORS = _errors(400, 401, 413, 503)
+_GENERATION_ERRORS = _errors(400, 401, 404, 413, 503)
 _TOKENIZER_ERRORS = _errors(400, 401, 413, 503)
 _MODEL_ERRORS = _errors(401, 503)
 _SSE = {200: {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
@@ -72,8 +72,35 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # usage in every chunk (vLLM extension)
 
 
+class JsonSchemaFormat(_Request):
+    name: str | None = Field(default=None, max_length=64)  # OpenAI requires it; nothing here needs it
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # accepted: the output always follows the schema
+
+
 class ResponseFormat(_Request):
-    type: Literal["text"]  # json_object / json_schema are not supported
+    """Structured outputs: `text` (no constraint), `json_object` (JSON mode) or `json_schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError("json_schema", "json_schema is required with type json_schema, and only then",
+                                      {"param": "json_schema"})
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` (the newer name of its guided_* parameters): exactly one of these."""
+
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # a Lark grammar
+    json_object: bool | None = None
 
 
 class SamplingRequest(_Request):
@@ -94,7 +121,15 @@ class SamplingRequest(_Request):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
-    logit_bias: dict[str, float] | None = None  # accepted only when empty
+    logit_bias: dict[str, float] | None = None  # token id (as text) -> value in [-100, 100]
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)  # accepted, not stored
+    store: bool | None = None  # only false: nothing is stored
+    # structured outputs, as vLLM users send them (also response_format on chat)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # extensions that vLLM users send
     top_k: int = Field(default=0, ge=-1)  # 0 or -1: disabled
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -113,7 +148,7 @@ class SamplingRequest(_Request):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]  # token ids in [0, vocab size)
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0 only with echo: the prompt scored, nothing generated
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None  # accepted only when equal to n
@@ -167,10 +202,15 @@ class DetokenizeRequest(_Request):
 # ---- responses ---------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class CompletionLogprobs(BaseModel):

@@ -35,8 +35,10 @@ class ChatServing(OpenAIServing):
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         prompt = await self.encode_chat(request.messages, request.add_generation_prompt)
+        grammar = await self.grammar(request, request.response_format)
         params = self.sampling_params(
-            request, request.requested_max_tokens, (request.top_logprobs or 0) if request.logprobs else None
+            request, request.requested_max_tokens, (request.top_logprobs or 0) if request.logprobs else None,
+            grammar=grammar,
         )
         response_id = random_id("chatcmpl")
         generation = await self.open_generation(raw_request, response_id, [prompt], params, arrival_time, "messages")

@@ -15,12 +15,13 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from hexcore.engine.client import EngineClient, EngineOverloaded
-from hexcore.sampling_params import InvalidParameter, SamplingParams
+from hexcore.sampling_params import GrammarSpec, InvalidParameter, SamplingParams
 from server.errors import APIError, bad_request, internal_error
 from server.generation import Generation
 from server.limits import EdgeLimits
 from server.metrics import ServerMetrics
-from server.protocol import ChatMessage, SamplingRequest
+from server.protocol import ChatMessage, ResponseFormat, SamplingRequest
+from server.structured import GrammarValidator, logit_bias, requested_grammar
 
 logger = logging.getLogger("hexgen.server")
 T = TypeVar("T")
@@ -58,6 +59,7 @@ class OpenAIServing:
         # loop. Jobs queue in arrival order; each is bounded by limits.max_text_chars.
         self._tokenizer_pool = tokenizer_pool
         self._token_texts: dict[int, str] = {}
+        self.grammars = GrammarValidator()
 
     @property
     def tokenizer(self):
@@ -67,11 +69,24 @@ class OpenAIServing:
         """Everything that can be checked before tokenizing (`max_tokens`: the effective one, or None)."""
         check_ready(self.engine)
         check_model(self.engine, request.model)
-        if request.logit_bias:  # if ever supported: its keys are token ids, to check like stop_token_ids
-            raise bad_request("logit_bias is not supported", "logit_bias")
+        if request.store:
+            raise bad_request("store is not supported: this server keeps no completions (send false or omit it)",
+                              "store")
         if request.stream_options is not None and not request.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
         self.limits.check_sampling(request, max_tokens)
+
+    async def grammar(self, request: SamplingRequest, response_format: ResponseFormat | None = None
+                      ) -> GrammarSpec | None:
+        """The request's structured-output grammar, compiled once here (in the tokenizer thread, off the
+        event loop) so that one which cannot compile is a 400 naming its field."""
+        asked = requested_grammar(request, response_format)
+        if asked is None:
+            return None
+        spec, param = asked
+        self.limits.check_text_length(len(spec.source), param)
+        await self.run_in_tokenizer_thread(self.grammars.check, spec, param)
+        return spec
 
     async def run_in_tokenizer_thread(self, function, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(
@@ -96,8 +111,10 @@ class OpenAIServing:
         return text
 
     def sampling_params(
-        self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+        self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+        grammar: GrammarSpec | None = None,
     ) -> SamplingParams:
+        bias = logit_bias(request.logit_bias, self.engine.vocab_size)
         try:
             return SamplingParams(
                 n=request.n, max_tokens=max_tokens, min_tokens=request.min_tokens, temperature=request.temperature,
@@ -105,7 +122,8 @@ class OpenAIServing:
                 presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
                 repetition_penalty=request.repetition_penalty, stop=request.stop_strings,
                 stop_token_ids=tuple(request.stop_token_ids), ignore_eos=request.ignore_eos, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs, skip_special_tokens=request.skip_special_tokens,
+                prompt_logprobs=prompt_logprobs, skip_special_tokens=request.skip_special_tokens, logit_bias=bias,
+                grammar=grammar,
             )
         except InvalidParameter as err:
             raise bad_request(str(err), err.param) from None
@@ -156,7 +174,7 @@ def check_ready(engine: EngineClient) -> None:
 def check_model(engine: EngineClient, name: str | None) -> None:
     if name is not None and name != engine.model_name:
         raise APIError(
-            400, f"model {name!r} is not served here; this server serves {engine.model_name!r}",
+            404, f"the model {name!r} does not exist; this server serves {engine.model_name!r}",
             param="model", code="model_not_found",
         )
 

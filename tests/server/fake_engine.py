@@ -35,6 +35,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.received: dict[str, tuple[list[int], SamplingParams]] = {}
+        self.num_cached_tokens = 0  # what every request reports as found in the prefix cache
         self._is_ready = False
         self.is_shut_down = False
         self._greedy_ids = self.tokenizer.encode(SENTENCE * 4, add_special_tokens=False)
@@ -125,6 +126,7 @@ class FakeEngine:
                 yield RequestOutput(
                     request_id=request_id, num_prompt_tokens=len(prompt_token_ids), choices=deltas,
                     is_finished=all(done), prompt_logprobs=prompt_logprobs if step == 0 else None, replica="r0",
+                    num_cached_tokens=self.num_cached_tokens,
                 )
                 step += 1
             self.finished.append(request_id)

@@ -35,7 +35,6 @@ def assert_still_serving(base_url: str) -> None:
     ("/v1/completions", {**GOOD, "top_p": 0}, "top_p"),
     ("/v1/completions", {**GOOD, "top_p": 1.5}, "top_p"),
     ("/v1/completions", {**GOOD, "n": 0}, "n"),
-    ("/v1/completions", {**GOOD, "model": "gpt-4"}, "model"),
     ("/v1/completions", {**GOOD, "prompt": "Hello " * 300}, "prompt"),
     ("/v1/completions", {**GOOD, "max_tokens": 300}, "max_tokens"),
     ("/v1/completions", {**GOOD, "max_tokens": "many"}, "max_tokens"),
@@ -43,11 +42,28 @@ def assert_still_serving(base_url: str) -> None:
     ("/v1/completions", {**GOOD, "prompt": []}, "prompt"),
     ("/v1/completions", {**GOOD, "suffix": "x"}, "suffix"),
     ("/v1/completions", {**GOOD, "best_of": 3}, "best_of"),
-    ("/v1/completions", {**GOOD, "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ("/v1/completions", {**GOOD, "logit_bias": {"5": 101.0}}, "logit_bias"),
+    ("/v1/completions", {**GOOD, "logit_bias": {"five": 1.0}}, "logit_bias"),
+    ("/v1/completions", {**GOOD, "store": True}, "store"),
+    ("/v1/completions", {**GOOD, "metadata": {"k": 1}}, "metadata.k"),
+    ("/v1/completions", {**GOOD, "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {**GOOD, "guided_regex": "[a-z"}, "guided_regex"),
+    ("/v1/completions", {**GOOD, "guided_choice": []}, "guided_choice"),
+    ("/v1/completions", {**GOOD, "guided_json": {"type": "strin"}}, "guided_json"),
+    ("/v1/completions", {**GOOD, "guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ("/v1/completions", {**GOOD, "structured_outputs": {"regex": "(a"}}, "structured_outputs.regex"),
+    ("/v1/completions", {**GOOD, "structured_outputs": {"grammar": "start: foo"}}, "structured_outputs.grammar"),
     ("/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", {"model": "fake-model"}, "prompt"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format.type"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, "response_format.type"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strin"}}}}}},
+     "response_format.json_schema.schema"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "[a-"}}}}, "response_format.json_schema.schema"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
@@ -127,7 +143,7 @@ def test_api_key_required_on_v1_when_configured(tiny_tokenizer):
 
 
 def test_health_is_503_until_the_engine_is_ready(tiny_tokenizer):
-    engine = FakeEngine(tiny_tokenizer, startup_seconds=0.5)
+    engine = FakeEngine(tiny_tokenizer, startup_seconds=3.0)  # the loading window outlasts four requests on a loaded machine
     with serve_in_thread(engine, wait_ready=False) as url:
         assert httpx.get(f"{url}/health").status_code == 503
         assert_error(httpx.post(f"{url}/v1/completions", json=GOOD), 503)
