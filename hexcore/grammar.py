@@ -10,8 +10,10 @@ that samples compiles it against the model's tokenizer (hexcore/worker/grammar.p
 
 JSON is generated in one fixed layout, `{"a": 1, "b": [2, 3]}`: no free whitespace (a small model
 cannot loop on newlines) and the separators every tokenizer has seen most. A schema is followed as
-written: an object schema without `additionalProperties: false` allows other properties, as JSON Schema
-says (`strict` changes nothing: the output always follows the schema).
+written: an object schema without `additionalProperties` allows other properties, as JSON Schema says,
+except in OpenAI's strict mode (`strict: true`), where objects are closed (`closed_objects`): OpenAI
+requires `additionalProperties: false` on every object there; here a strict schema that leaves it out
+gets it. Either way the output always follows the schema.
 """
 
 from __future__ import annotations
@@ -54,6 +56,33 @@ def grammar_error(spec: GrammarSpec) -> str | None:
     except (ValueError, TypeError) as err:
         return str(err)
     return LLMatcher.validate_grammar(grammar) or None
+
+
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "contains")
+
+
+def closed_objects(schema):
+    """The schema with `additionalProperties: false` on every object schema that does not say (strict
+    mode). Objects under allOf are left open: closing each part of a conjunction would refuse them all."""
+    if not isinstance(schema, dict):
+        return schema
+    schema = dict(schema)
+    is_object = schema.get("type") == "object" or "properties" in schema
+    if is_object and "additionalProperties" not in schema and "allOf" not in schema \
+            and "patternProperties" not in schema:
+        schema["additionalProperties"] = False
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            schema[key] = {name: closed_objects(sub) for name, sub in schema[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            schema[key] = [closed_objects(sub) for sub in schema[key]]
+    for key in _SUBSCHEMAS:
+        if isinstance(schema.get(key), dict):
+            schema[key] = closed_objects(schema[key])
+    return schema
 
 
 def json_schema_spec(schema: dict | bool) -> GrammarSpec:

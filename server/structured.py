@@ -8,7 +8,7 @@ import json
 from collections import OrderedDict
 from typing import Any
 
-from hexcore.grammar import choice_spec, grammar_error, json_schema_spec
+from hexcore.grammar import choice_spec, closed_objects, grammar_error, json_schema_spec
 from hexcore.sampling_params import MAX_LOGIT_BIAS, GrammarSpec
 from server.errors import bad_request
 from server.protocol import ResponseFormat, SamplingRequest
@@ -16,7 +16,7 @@ from server.protocol import ResponseFormat, SamplingRequest
 MAX_VALIDATED = 512  # validation results kept, by spec
 
 
-def _json_schema(value: dict | bool | str, param: str) -> GrammarSpec:
+def _json_schema(value: dict | bool | str, param: str, strict: bool = False) -> GrammarSpec:
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -24,7 +24,7 @@ def _json_schema(value: dict | bool | str, param: str) -> GrammarSpec:
             raise bad_request(f"{param} is not valid JSON: {err}", param) from None
     if not isinstance(value, (dict, bool)):
         raise bad_request(f"{param} must be a JSON Schema (an object)", param)
-    return json_schema_spec(value)
+    return json_schema_spec(closed_objects(value) if strict else value)
 
 
 def response_format_grammar(response_format: ResponseFormat | None, param: str = "response_format"
@@ -33,7 +33,8 @@ def response_format_grammar(response_format: ResponseFormat | None, param: str =
         return None
     if response_format.type == "json_object" or response_format.json_schema.schema_ is None:
         return GrammarSpec("json_object"), param
-    return _json_schema(response_format.json_schema.schema_, f"{param}.json_schema.schema"), \
+    json_schema = response_format.json_schema
+    return _json_schema(json_schema.schema_, f"{param}.json_schema.schema", bool(json_schema.strict)), \
         f"{param}.json_schema.schema"
 
 
