@@ -5,6 +5,7 @@ abort on client disconnect."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from server.limits import EdgeLimits
 from server.metrics import ServerMetrics
 from server.protocol import ChatMessage, ResponseFormat, SamplingRequest
 from server.structured import GrammarValidator, logit_bias, requested_grammar
+from server.tools import hermes_call_text, hermes_system_prompt, template_supports_tools
 
 logger = logging.getLogger("hexgen.server")
 T = TypeVar("T")
@@ -98,9 +100,10 @@ class OpenAIServing:
         self.limits.check_text_length(len(text), param)
         return await self.run_in_tokenizer_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
-    async def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    async def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                          tools: list[dict] | None = None) -> list[int]:
         self.limits.check_text_length(sum(len(message.text) for message in messages), "messages")
-        text = await self.run_in_tokenizer_thread(render_chat, self.tokenizer, messages, add_generation_prompt)
+        text = await self.run_in_tokenizer_thread(render_chat, self.tokenizer, messages, add_generation_prompt, tools)
         return await self.encode(text, add_special_tokens=False, param="messages")  # the template holds them
 
     def token_text(self, token_id: int) -> str:
@@ -150,20 +153,53 @@ class OpenAIServing:
         return generation
 
 
-def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
-    """The prompt text the model's chat template makes of `messages`; 400 when there is no template."""
+def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
+                tools: list[dict] | None = None) -> str:
+    """The prompt text the model's chat template makes of `messages` (and of `tools`, function
+    definitions: see server/tools.py for templates without tool support); 400 when there is no template."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("this model has no chat template: use /v1/completions with a plain prompt", "messages")
+    native = template_supports_tools(tokenizer)
     conversation = []
     for message in messages:
         turn = {"role": "system" if message.role == "developer" else message.role, "content": message.text}
         if message.name is not None:
             turn["name"] = message.name
+        if message.tool_calls:
+            if native:
+                turn["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                    "name": call.function.name, "arguments": _json_or_text(call.function.arguments)}}
+                    for call in message.tool_calls]
+            else:
+                calls = "\n".join(hermes_call_text(c.function.name, c.function.arguments) for c in message.tool_calls)
+                turn["content"] = f"{message.text}\n{calls}" if message.text else calls
+        if message.role == "tool":
+            if native:
+                turn["tool_call_id"] = message.tool_call_id
+            else:
+                turn = {"role": "user", "content": f"<tool_response>\n{message.text}\n</tool_response>"}
         conversation.append(turn)
+    options = {}
+    if tools and native:
+        options["tools"] = [{"type": "function", "function": function} for function in tools]
+    elif tools:
+        system = hermes_system_prompt(tools)
+        if conversation and conversation[0]["role"] == "system":
+            conversation[0] = {**conversation[0], "content": f"{conversation[0]['content']}\n\n{system}"}
+        else:
+            conversation.insert(0, {"role": "system", "content": system})
     try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **options)
     except Exception as err:  # the template rejects the conversation (e.g. roles out of order)
         raise bad_request(f"the chat template rejected the messages: {err}", "messages") from None
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return text
 
 
 def check_ready(engine: EngineClient) -> None:

@@ -29,6 +29,8 @@ def last_params(fake_engine):
 @pytest.mark.parametrize("fields, expected", [
     ({"response_format": {"type": "json_object"}}, GrammarSpec("json_object")),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}}},
+     json_schema_spec({**SCHEMA, "additionalProperties": False})),  # strict closes objects
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}},
      json_schema_spec(SCHEMA)),
     ({"response_format": {"type": "text"}}, None),
     ({"guided_json": SCHEMA}, json_schema_spec(SCHEMA)),
