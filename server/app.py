@@ -35,6 +35,7 @@ from server.protocol import (
 from server.serving_chat import ChatServing
 from server.serving_common import ClientDisconnected, check_ready
 from server.serving_completions import CompletionServing
+from server.serving_responses import ResponsesRequest, ResponsesServing
 from server.serving_tokens import TokenizationServing
 
 logger = logging.getLogger("hexgen.server")
@@ -88,6 +89,7 @@ class ServerState:
     chat: ChatServing
     tokens: TokenizationServing
     created: int
+    responses: ResponsesServing | None = None
 
 
 def _state(raw_request: Request) -> ServerState:
@@ -109,6 +111,11 @@ async def create_completion(request: CompletionRequest, raw_request: Request) ->
 @router.post("/v1/chat/completions", responses={**_SSE, **_GENERATION_ERRORS})
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
     return await _state(raw_request).chat.create(request, raw_request)
+
+
+@router.post("/v1/responses", responses={**_SSE, **_GENERATION_ERRORS})
+async def create_response(request: ResponsesRequest, raw_request: Request) -> Response:
+    return await _state(raw_request).responses.create(request, raw_request)
 
 
 def _model_card(state: ServerState) -> ModelCard:
@@ -238,6 +245,7 @@ def build_app(
         chat=ChatServing(engine, metrics_, tokenizer_pool, limits),
         tokens=TokenizationServing(engine, metrics_, tokenizer_pool, limits),
         created=int(time.time()),
+        responses=ResponsesServing(engine, metrics_, tokenizer_pool, limits),
     )
     app.include_router(router)
     app.openapi = _openapi_without_422(app)
