@@ -80,8 +80,9 @@ class ToolMode:
         """(content, calls) of a finished reply."""
         if self.kind == "named":
             return None, [ParsedCall(self.named, text)]
-        if self.kind == "required":
-            return None, parse_required_calls(text)
+        if self.kind == "required":  # cut by max_tokens, the list may not parse: then it is content
+            calls = parse_required_calls(text)
+            return (None if calls else text), calls
         if self.kind == "auto":
             content, calls = parse_tool_calls(text, self.format, self.names)
             return content, calls[: None if self.parallel else 1]
