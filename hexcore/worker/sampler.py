@@ -108,12 +108,12 @@ def scored_token(logprobs: torch.Tensor, token_id: int, num_top: int) -> TokenLo
     return TokenLogprob(token_id, float(logprobs[token_id]), top)
 
 
-def is_plain_greedy(spec: SeqSampling) -> bool:
-    """The row's token is its logits' argmax: greedy, nothing banned, biased, penalised or constrained,
-    no logprobs."""
+def is_plain_greedy(spec: SeqSampling, grammar: bool = True) -> bool:
+    """The row's token is its logits' argmax: greedy, nothing banned, biased, penalised or (unless
+    `grammar` is False) constrained, no logprobs."""
     params = spec.params
     return (params.is_greedy and not spec.banned_token_ids and not params.has_penalties and params.logprobs is None
-            and not params.logit_bias and params.grammar is None)
+            and not params.logit_bias and (params.grammar is None or not grammar))
 
 
 def sample(logits: torch.Tensor, specs: list[SeqSampling],
@@ -122,7 +122,15 @@ def sample(logits: torch.Tensor, specs: list[SeqSampling],
     greedy rows share one argmax over the batch (the same token as their own argmax: one op instead of
     one per row)."""
     allowed = allowed or [None] * len(specs)
-    is_plain = [is_plain_greedy(spec) for spec in specs]
-    best = logits.argmax(dim=-1).tolist() if any(is_plain) else []
-    return [TokenLogprob(best[i], 0.0) if is_plain[i] else sample_one(row, spec, allowed[i])
-            for i, (row, spec) in enumerate(zip(logits, specs))]
+    tokens: list[TokenLogprob | None] = [None] * len(specs)
+    if any(is_plain_greedy(spec) for spec in specs):
+        for i, token_id in enumerate(logits.argmax(dim=-1).tolist()):
+            tokens[i] = TokenLogprob(token_id, 0.0) if is_plain_greedy(specs[i]) else None
+    # greedy rows constrained by a grammar and nothing else: one masked argmax over all of them
+    masked = [i for i, spec in enumerate(specs) if allowed[i] is not None and is_plain_greedy(spec, grammar=False)]
+    if masked:
+        rows = logits[masked].masked_fill(~torch.stack([allowed[i] for i in masked]), float("-inf"))
+        for i, token_id in zip(masked, rows.argmax(dim=-1).tolist()):
+            tokens[i] = TokenLogprob(token_id, 0.0)
+    return [token if token is not None else sample_one(row, spec, allowed[i])
+            for i, (token, row, spec) in enumerate(zip(tokens, logits, specs))]

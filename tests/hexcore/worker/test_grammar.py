@@ -175,3 +175,19 @@ def test_valid_grammars_pass():
     for spec in (json_schema_spec(SCHEMA), GrammarSpec("json_object"), GrammarSpec("regex", r"\d+"),
                  choice_spec(["a", "b"]), GrammarSpec("lark", 'start: "x" | "y"')):
         assert grammar_error(spec) is None
+
+
+def test_batched_masked_greedy_rows_equal_row_by_row():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 50, generator=generator)
+    masks = [torch.rand(50, generator=generator) > 0.7 for _ in range(6)]
+    grammar = GrammarSpec("json_object")
+    specs = [SeqSampling(SamplingParams(temperature=0.0, grammar=grammar), 0, 0),
+             SeqSampling(SamplingParams(temperature=0.0), 0, 0),
+             SeqSampling(SamplingParams(temperature=0.0, grammar=grammar, logprobs=2), 0, 0),
+             SeqSampling(SamplingParams(temperature=0.8, seed=3, grammar=grammar), 3, 1),
+             SeqSampling(SamplingParams(temperature=0.0, grammar=grammar), 0, 0, banned_token_ids=(1, 2)),
+             SeqSampling(SamplingParams(temperature=0.0, grammar=grammar), 0, 0)]
+    allowed = [m if s.params.grammar is not None else None for m, s in zip(masks, specs)]
+    batched = [t.token_id for t in sample(logits, specs, allowed)]
+    assert batched == [sample_one(row, spec, mask).token_id for row, spec, mask in zip(logits, specs, allowed)]
