@@ -41,3 +41,4 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only, when asked
     replica: str | None = None  # which replica serves the request
     error: RequestError | None = None  # set on the last output of a request that failed
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache instead of computed

@@ -16,6 +16,25 @@ class InvalidParameter(ValueError):
         self.param = param
 
 
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on each logit_bias value
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a constrained request's output must match (structured outputs), as text the workers compile
+    (hexcore/grammar.py): a JSON Schema (JSON text), "json_object" (any JSON object, source ""), a regex,
+    a choice among strings (a JSON list of them) or a Lark grammar. Frozen and hashable: the workers cache
+    compiled grammars by it."""
+
+    kind: str
+    source: str = ""
+
+    def __post_init__(self):
+        if self.kind not in GRAMMAR_KINDS:
+            raise InvalidParameter("grammar", f"grammar kind must be one of {GRAMMAR_KINDS}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
@@ -35,10 +54,14 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives per sampled token (0: only the sampled one)
     prompt_logprobs: int | None = None  # same, for every prompt token (echo + logprobs scoring)
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling)
+    grammar: GrammarSpec | None = None  # structured outputs: only tokens the grammar allows are sampled
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
         checks = [
             ("n", self.n >= 1, "n must be at least 1"),
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
@@ -62,6 +85,8 @@ class SamplingParams:
              f"stop strings have at most {MAX_STOP_STRING_CHARS} characters"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
+            ("logit_bias", all(t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in self.logit_bias),
+             f"logit_bias maps token ids to values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
         for param, ok, message in checks:
             if not ok:

@@ -35,6 +35,7 @@ from server.protocol import (
 from server.serving_chat import ChatServing
 from server.serving_common import ClientDisconnected, check_ready
 from server.serving_completions import CompletionServing
+from server.serving_responses import ResponsesRequest, ResponsesServing
 from server.serving_tokens import TokenizationServing
 
 logger = logging.getLogger("hexgen.server")
@@ -77,7 +78,7 @@ def _errors(*statuses: int) -> dict:
     return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}
 
 
-_GENERATION_ERRORS = _errors(400, 401, 413, 503)
+_GENERATION_ERRORS = _errors(400, 401, 404, 413, 503)
 _TOKENIZER_ERRORS = _errors(400, 401, 413, 503)
 _MODEL_ERRORS = _errors(401, 503)
 _SSE = {200: {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
@@ -95,6 +96,7 @@ class ServerState:
     tokens: TokenizationServing
     created: int
     stream_cutoff: asyncio.Event  # set at the end of a shutdown's drain: open streams end with an error
+    responses: ResponsesServing | None = None
 
 
 def _state(raw_request: Request) -> ServerState:
@@ -116,6 +118,11 @@ async def create_completion(request: CompletionRequest, raw_request: Request) ->
 @router.post("/v1/chat/completions", responses={**_SSE, **_GENERATION_ERRORS})
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
     return await _state(raw_request).chat.create(request, raw_request)
+
+
+@router.post("/v1/responses", responses={**_SSE, **_GENERATION_ERRORS})
+async def create_response(request: ResponsesRequest, raw_request: Request) -> Response:
+    return await _state(raw_request).responses.create(request, raw_request)
 
 
 def _model_card(state: ServerState) -> ModelCard:
@@ -248,6 +255,7 @@ def build_app(
         tokens=TokenizationServing(engine, metrics_, tokenizer_pool, limits, cutoff),
         created=int(time.time()),
         stream_cutoff=cutoff,
+        responses=ResponsesServing(engine, metrics_, tokenizer_pool, limits, cutoff),
     )
     app.include_router(router)
     app.openapi = _openapi_without_422(app)

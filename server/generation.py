@@ -12,7 +12,7 @@ from hexcore.engine.client import EngineClient
 from hexcore.outputs import RequestOutput
 from hexcore.sampling_params import SamplingParams
 from server.metrics import RequestTracker, ServerMetrics
-from server.protocol import UsageInfo
+from server.protocol import PromptTokensDetails, UsageInfo
 
 logger = logging.getLogger("hexgen.server")
 
@@ -106,9 +106,12 @@ class Generation:
             for tracker in self.trackers:
                 tracker.report(self._num_choices)
 
-    def usage(self) -> UsageInfo:
+    def usage(self, count_completion: bool = True) -> UsageInfo:
+        """`count_completion` False: the generated tokens were thrown away (max_tokens 0 with echo)."""
         prompt_tokens = sum(tracker.num_prompt_tokens for tracker in self.trackers)
-        completion_tokens = sum(tracker.num_completion_tokens for tracker in self.trackers)
+        completion_tokens = sum(tracker.num_completion_tokens for tracker in self.trackers) if count_completion else 0
+        cached_tokens = sum(tracker.num_cached_tokens for tracker in self.trackers)
         return UsageInfo(
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
         )

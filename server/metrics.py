@@ -104,6 +104,7 @@ class RequestTracker:
         self._first_token_time: float | None = None
         self.replica = UNKNOWN_REPLICA
         self.num_prompt_tokens = 0
+        self.num_cached_tokens = 0  # of the prompt, found in the prefix cache
         self.num_tokens_by_choice: dict[int, int] = {}
         self.finish_reasons: dict[int, str] = {}
         self.is_rejected = False  # the engine refused it: counted as a rejection, not as a finish
@@ -116,6 +117,7 @@ class RequestTracker:
     def observe(self, output: RequestOutput) -> None:
         self.replica = output.replica or self.replica
         self.num_prompt_tokens = output.num_prompt_tokens
+        self.num_cached_tokens = max(self.num_cached_tokens, output.num_cached_tokens)
         for delta in output.choices:
             if delta.token_ids and self._first_token_time is None:
                 self._first_token_time = time.monotonic()

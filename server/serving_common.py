@@ -5,6 +5,7 @@ abort on client disconnect."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -15,12 +16,14 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from hexcore.engine.client import EngineClient, EngineDead, EngineOverloaded, EngineUnavailable
-from hexcore.sampling_params import InvalidParameter, SamplingParams
+from hexcore.sampling_params import GrammarSpec, InvalidParameter, SamplingParams
 from server.errors import APIError, bad_request, internal_error
 from server.generation import Generation
 from server.limits import EdgeLimits
 from server.metrics import ServerMetrics
-from server.protocol import ChatMessage, SamplingRequest
+from server.protocol import ChatMessage, ResponseFormat, SamplingRequest
+from server.structured import GrammarValidator, logit_bias, requested_grammar
+from server.tools import hermes_call_text, hermes_system_prompt, template_supports_tools
 
 logger = logging.getLogger("hexgen.server")
 T = TypeVar("T")
@@ -65,6 +68,7 @@ class OpenAIServing:
         # loop. Jobs queue in arrival order; each is bounded by limits.max_text_chars.
         self._tokenizer_pool = tokenizer_pool
         self._token_texts: dict[int, str] = {}
+        self.grammars = GrammarValidator()
 
     @property
     def tokenizer(self):
@@ -74,11 +78,24 @@ class OpenAIServing:
         """Everything that can be checked before tokenizing (`max_tokens`: the effective one, or None)."""
         check_ready(self.engine)
         check_model(self.engine, request.model)
-        if request.logit_bias:  # if ever supported: its keys are token ids, to check like stop_token_ids
-            raise bad_request("logit_bias is not supported", "logit_bias")
+        if request.store:
+            raise bad_request("store is not supported: this server keeps no completions (send false or omit it)",
+                              "store")
         if request.stream_options is not None and not request.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
         self.limits.check_sampling(request, max_tokens)
+
+    async def grammar(self, request: SamplingRequest, response_format: ResponseFormat | None = None
+                      ) -> GrammarSpec | None:
+        """The request's structured-output grammar, compiled once here (in the tokenizer thread, off the
+        event loop) so that one which cannot compile is a 400 naming its field."""
+        asked = requested_grammar(request, response_format)
+        if asked is None:
+            return None
+        spec, param = asked
+        self.limits.check_text_length(len(spec.source), param)
+        await self.run_in_tokenizer_thread(self.grammars.check, spec, param)
+        return spec
 
     async def run_in_tokenizer_thread(self, function, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(
@@ -90,9 +107,10 @@ class OpenAIServing:
         self.limits.check_text_length(len(text), param)
         return await self.run_in_tokenizer_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
-    async def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    async def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                          tools: list[dict] | None = None) -> list[int]:
         self.limits.check_text_length(sum(len(message.text) for message in messages), "messages")
-        text = await self.run_in_tokenizer_thread(render_chat, self.tokenizer, messages, add_generation_prompt)
+        text = await self.run_in_tokenizer_thread(render_chat, self.tokenizer, messages, add_generation_prompt, tools)
         return await self.encode(text, add_special_tokens=False, param="messages")  # the template holds them
 
     def token_text(self, token_id: int) -> str:
@@ -103,8 +121,10 @@ class OpenAIServing:
         return text
 
     def sampling_params(
-        self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+        self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+        grammar: GrammarSpec | None = None,
     ) -> SamplingParams:
+        bias = logit_bias(request.logit_bias, self.engine.vocab_size)
         try:
             return SamplingParams(
                 n=request.n, max_tokens=max_tokens, min_tokens=request.min_tokens, temperature=request.temperature,
@@ -112,7 +132,8 @@ class OpenAIServing:
                 presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
                 repetition_penalty=request.repetition_penalty, stop=request.stop_strings,
                 stop_token_ids=tuple(request.stop_token_ids), ignore_eos=request.ignore_eos, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs, skip_special_tokens=request.skip_special_tokens,
+                prompt_logprobs=prompt_logprobs, skip_special_tokens=request.skip_special_tokens, logit_bias=bias,
+                grammar=grammar,
             )
         except InvalidParameter as err:
             raise bad_request(str(err), err.param) from None
@@ -139,20 +160,53 @@ class OpenAIServing:
         return generation
 
 
-def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
-    """The prompt text the model's chat template makes of `messages`; 400 when there is no template."""
+def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
+                tools: list[dict] | None = None) -> str:
+    """The prompt text the model's chat template makes of `messages` (and of `tools`, function
+    definitions: see server/tools.py for templates without tool support); 400 when there is no template."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("this model has no chat template: use /v1/completions with a plain prompt", "messages")
+    native = template_supports_tools(tokenizer)
     conversation = []
     for message in messages:
         turn = {"role": "system" if message.role == "developer" else message.role, "content": message.text}
         if message.name is not None:
             turn["name"] = message.name
+        if message.tool_calls:
+            if native:
+                turn["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                    "name": call.function.name, "arguments": _json_or_text(call.function.arguments)}}
+                    for call in message.tool_calls]
+            else:
+                calls = "\n".join(hermes_call_text(c.function.name, c.function.arguments) for c in message.tool_calls)
+                turn["content"] = f"{message.text}\n{calls}" if message.text else calls
+        if message.role == "tool":
+            if native:
+                turn["tool_call_id"] = message.tool_call_id
+            else:
+                turn = {"role": "user", "content": f"<tool_response>\n{message.text}\n</tool_response>"}
         conversation.append(turn)
+    options = {}
+    if tools and native:
+        options["tools"] = [{"type": "function", "function": function} for function in tools]
+    elif tools:
+        system = hermes_system_prompt(tools)
+        if conversation and conversation[0]["role"] == "system":
+            conversation[0] = {**conversation[0], "content": f"{conversation[0]['content']}\n\n{system}"}
+        else:
+            conversation.insert(0, {"role": "system", "content": system})
     try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **options)
     except Exception as err:  # the template rejects the conversation (e.g. roles out of order)
         raise bad_request(f"the chat template rejected the messages: {err}", "messages") from None
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return text
 
 
 def check_ready(engine: EngineClient) -> None:
@@ -163,7 +217,7 @@ def check_ready(engine: EngineClient) -> None:
 def check_model(engine: EngineClient, name: str | None) -> None:
     if name is not None and name != engine.model_name:
         raise APIError(
-            400, f"model {name!r} is not served here; this server serves {engine.model_name!r}",
+            404, f"the model {name!r} does not exist; this server serves {engine.model_name!r}",
             param="model", code="model_not_found",
         )
 

@@ -35,8 +35,11 @@ class _ChoiceText:
         self.text = ""
         self.logprobs = CompletionLogprobs() if is_logprobs else None
         self.finish_reason: str | None = None
+        self.is_scoring_only = False
 
     def piece(self, delta: ChoiceDelta) -> tuple[str, CompletionLogprobs | None]:
+        if self.is_scoring_only:  # max_tokens 0: the one token generated is not part of the answer
+            delta = ChoiceDelta(delta.index, [], "", [], "length" if delta.finish_reason else None)
         text, self._pending_text = self._pending_text + delta.text, ""
         logprobs = None
         if self._is_logprobs:
@@ -77,19 +80,26 @@ class CompletionServing(OpenAIServing):
         self.check_request(request, request.max_tokens)
         if request.best_of is not None and request.best_of != request.n:
             raise bad_request("best_of is not supported (only best_of equal to n)", "best_of")
+        # max_tokens 0 with echo: the prompt (and its logprobs) only, as evaluation harnesses ask; the
+        # engine generates one token, which is dropped
+        is_scoring_only = request.max_tokens == 0
+        if is_scoring_only and not request.echo:
+            raise bad_request("max_tokens must be at least 1 (0 only with echo, to score the prompt)", "max_tokens")
         texts, prompts = await self._prompts(request.prompt)
+        grammar = None if is_scoring_only else await self.grammar(request)
         is_scoring = request.echo and request.logprobs is not None
         params = self.sampling_params(
-            request, request.max_tokens, request.logprobs, prompt_logprobs=request.logprobs if is_scoring else None
+            request, 1 if is_scoring_only else request.max_tokens, request.logprobs,
+            prompt_logprobs=request.logprobs if is_scoring else None, grammar=grammar,
         )
         response_id = random_id("cmpl")
         generation = await self.open_generation(raw_request, response_id, prompts, params, arrival_time)
-        choices = _Choices(self, request, texts, prompts)
+        choices = _Choices(self, request, texts, prompts, is_scoring_only)
         head = dict(id=response_id, created=unix_now(), model=self.engine.model_name)
         if request.stream:
             return event_stream(self._stream(request, generation, choices, head), generation, self.stream_cutoff)
         await until_disconnect(raw_request, self._collect(generation, choices))
-        response = CompletionResponse(**head, choices=choices.final(), usage=generation.usage())
+        response = CompletionResponse(**head, choices=choices.final(), usage=generation.usage(not is_scoring_only))
         return JSONResponse(response.model_dump())
 
     async def _prompts(self, prompt: str | list) -> tuple[list[str | None], list[list[int]]]:
@@ -127,16 +137,19 @@ class CompletionServing(OpenAIServing):
                     index=prompt_index * request.n + delta.index, text=text, logprobs=logprobs,
                     finish_reason=delta.finish_reason,
                 )
-                usage = generation.usage() if options and options.continuous_usage_stats else None
+                usage = generation.usage(not choices.is_scoring_only) if options and options.continuous_usage_stats else None
                 yield CompletionResponse(**head, choices=[choice], usage=usage).model_dump_json()
         if options and options.include_usage:
-            yield CompletionResponse(**head, choices=[], usage=generation.usage()).model_dump_json()
+            usage = generation.usage(not choices.is_scoring_only)
+            yield CompletionResponse(**head, choices=[], usage=usage).model_dump_json()
 
 
 class _Choices:
     """Every choice of a request: n per prompt, numbered prompt_index * n + choice index."""
 
-    def __init__(self, serving: CompletionServing, request: CompletionRequest, texts: list[str | None], prompts: list[list[int]]):
+    def __init__(self, serving: CompletionServing, request: CompletionRequest, texts: list[str | None],
+                 prompts: list[list[int]], is_scoring_only: bool = False):
+        self.is_scoring_only = is_scoring_only
         self._serving = serving
         self._request = request
         self._texts = texts
@@ -162,6 +175,7 @@ class _Choices:
                 echo_logprobs = self._prompt_logprobs.get(prompt_index)
                 echo_logprobs = echo_logprobs.model_copy(deep=True) if echo_logprobs else None
             choice = _ChoiceText(self._serving, self._request.logprobs is not None, echo_text, echo_logprobs)
+            choice.is_scoring_only = self.is_scoring_only
             self._by_index[index] = choice
         return choice
 

@@ -81,6 +81,8 @@ class BlockManager:
             parent = block_hash
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         self.num_cache_hits += len(seq.block_table)
+        if seq.num_cached_tokens is None:  # what its request reports: the first admission's hits
+            seq.num_cached_tokens = seq.num_computed_tokens
 
     def register_computed(self, seq: Sequence) -> None:
         """Register the sequence's full blocks whose keys and values are now in the cache."""

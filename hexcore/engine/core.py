@@ -290,7 +290,9 @@ class EngineCore:
             choice.logprobs.append(result.token)
         detokenizer = request.detokenizers[seq.index]
         reason = None
-        if token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos):
+        # a grammar allows eos only where the output is complete: then eos ends it even with ignore_eos
+        is_eos = token_id in self.eos_token_ids and (not params.ignore_eos or params.grammar is not None)
+        if token_id in params.stop_token_ids or is_eos:
             reason = "stop"
         elif detokenizer.append(token_id) is not None:
             reason = "stop"
@@ -327,7 +329,8 @@ class EngineCore:
             prompt_logprobs, request.is_prompt_logprobs_sent = request.prompt_logprobs, True
         return RequestOutput(request.request_id, len(request.prompt_token_ids), deltas,
                              is_finished=request.is_finished, prompt_logprobs=prompt_logprobs,
-                             replica=request.replica.name, error=request.error)
+                             replica=request.replica.name, error=request.error,
+                             num_cached_tokens=max(seq.num_cached_tokens or 0 for seq in request.seqs))
 
     # stats
     def _maybe_request_worker_stats(self) -> None:

@@ -161,12 +161,15 @@ class Replica:
         step = self.in_flight.pop(result.step_id)
         self.metrics.step_completed(step, is_idle=not self.in_flight)
         results = []
-        for item, token, prompt_logprobs in zip(step.scheduled, result.tokens, result.prompt_logprobs):
+        for item, spec, token, prompt_logprobs in zip(step.scheduled, step.batch.sampling, result.tokens,
+                                                      result.prompt_logprobs):
             seq = item.seq
             seq.is_in_flight = False
             if seq.is_finished:  # aborted while in flight: its blocks are already free
                 continue
-            seq.num_computed_tokens = item.end
+            # a sampled row with no token was deferred (its grammar is still compiling): its last token is
+            # computed again next step, and sampled then
+            seq.num_computed_tokens = item.end - 1 if spec is not None and token is None else item.end
             self.block_manager.register_computed(seq)
             if prompt_logprobs is not None:
                 seq.num_prompt_logprobs_done += len(prompt_logprobs)
@@ -193,10 +196,11 @@ class Replica:
         banned: tuple[int, ...] = ()
         if seq.num_generated < params.min_tokens:
             banned = params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
-        needs_outputs = params.has_penalties
+        needs_outputs = params.has_penalties or params.grammar is not None
         return SeqSampling(params=params, seed=seq.seed, num_generated=seq.num_generated, banned_token_ids=banned,
                            output_token_ids=tuple(seq.output_token_ids) if needs_outputs else (),
-                           prompt_token_ids=tuple(seq.prompt_token_ids) if params.repetition_penalty != 1.0 else ())
+                           prompt_token_ids=tuple(seq.prompt_token_ids) if params.repetition_penalty != 1.0 else (),
+                           seq_id=seq.seq_id)
 
     @staticmethod
     def _prompt_scoring(item: ScheduledSeq) -> PromptScoring | None:

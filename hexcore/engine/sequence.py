@@ -32,6 +32,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     is_in_flight: bool = False  # part of a step whose result has not come back
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache gave it when first admitted
 
     @property
     def num_prompt_tokens(self) -> int:

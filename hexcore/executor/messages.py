@@ -18,8 +18,9 @@ class SeqSampling:
     seed: int  # the draw for output token i uses (seed, i): reproducible, stateless, preemption-safe
     num_generated: int
     banned_token_ids: tuple[int, ...] = ()  # e.g. eos and stop ids before min_tokens is reached
-    output_token_ids: tuple[int, ...] = ()  # only when penalties need them
+    output_token_ids: tuple[int, ...] = ()  # only when penalties or a grammar need them
     prompt_token_ids: tuple[int, ...] = ()  # only when the repetition penalty needs them
+    seq_id: int = -1  # the sequence's id in the engine: a grammar's matcher is kept per sequence
 
 
 @dataclass(frozen=True)

@@ -68,8 +68,11 @@ def _build_runner(spec: WorkerSpec) -> StageRunner:
         group = dist.new_group(list(stage.ranks)) if stage.tp > 1 else None
         if spec.rank in stage.ranks:
             tp = TPGroup(stage.ranks.index(spec.rank), stage.tp, group, stage.ranks)
-    return load_stage_runner(spec.model_dir, spec.dtype, torch_device(device), spec.stages, spec.stage_index, tp,
-                             spec.rank, spec.num_kv_blocks, spec.block_size, spec.max_model_len)
+    runner = load_stage_runner(spec.model_dir, spec.dtype, torch_device(device), spec.stages, spec.stage_index, tp,
+                               spec.rank, spec.num_kv_blocks, spec.block_size, spec.max_model_len)
+    if runner.is_last and tp.is_leader:
+        runner.start_grammars()  # the rank that samples: its tokenizer loads in the background
+    return runner
 
 
 def _send_result(conn, result) -> None:

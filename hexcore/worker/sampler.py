@@ -54,15 +54,39 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
-def sample_one(logits: torch.Tensor, spec: SeqSampling) -> TokenLogprob:
-    """logits [V] float32 -> the chosen token, with its raw log-probability and top alternatives."""
+def apply_logit_bias(logits: torch.Tensor, logit_bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """OpenAI logit_bias: each value added to its token's logit (ids past the logits are ignored)."""
+    logits = logits.clone()
+    for token_id, bias in logit_bias:
+        if token_id < logits.numel():
+            logits[token_id] += bias
+    return logits
+
+
+def apply_grammar(logits: torch.Tensor, raw_logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Only the tokens the grammar allows. Should the bans have removed all of them (eos banned by
+    min_tokens when the grammar can only end), the grammar wins over the bans."""
+    masked = logits.masked_fill(~allowed, float("-inf"))
+    if not bool(torch.isfinite(masked).any()):
+        masked = raw_logits.masked_fill(~allowed, float("-inf"))
+    return masked
+
+
+def sample_one(logits: torch.Tensor, spec: SeqSampling, allowed: torch.Tensor | None = None) -> TokenLogprob:
+    """logits [V] float32 -> the chosen token, with its raw log-probability and top alternatives.
+    `allowed` [V] bool: the grammar's mask, applied after bans, bias and penalties and before
+    temperature, top-k, top-p and min-p."""
     params = spec.params
     raw_logits = logits
     if spec.banned_token_ids:
         logits = logits.clone()
         logits[list(spec.banned_token_ids)] = float("-inf")
+    if params.logit_bias:
+        logits = apply_logit_bias(logits, params.logit_bias)
     if params.has_penalties:
         logits = apply_penalties(logits, spec)
+    if allowed is not None:
+        logits = apply_grammar(logits, raw_logits, allowed)
     if params.is_greedy:
         token_id = int(torch.argmax(logits))
     else:
@@ -84,16 +108,29 @@ def scored_token(logprobs: torch.Tensor, token_id: int, num_top: int) -> TokenLo
     return TokenLogprob(token_id, float(logprobs[token_id]), top)
 
 
-def is_plain_greedy(spec: SeqSampling) -> bool:
-    """The row's token is its logits' argmax: greedy, nothing banned or penalised, no logprobs."""
+def is_plain_greedy(spec: SeqSampling, grammar: bool = True) -> bool:
+    """The row's token is its logits' argmax: greedy, nothing banned, biased, penalised or (unless
+    `grammar` is False) constrained, no logprobs."""
     params = spec.params
-    return params.is_greedy and not spec.banned_token_ids and not params.has_penalties and params.logprobs is None
+    return (params.is_greedy and not spec.banned_token_ids and not params.has_penalties and params.logprobs is None
+            and not params.logit_bias and (params.grammar is None or not grammar))
 
 
-def sample(logits: torch.Tensor, specs: list[SeqSampling]) -> list[TokenLogprob]:
-    """logits [N, V] float32, one row per spec. Plain greedy rows share one argmax over the batch
-    (the same token as their own argmax: one op instead of one per row)."""
-    is_plain = [is_plain_greedy(spec) for spec in specs]
-    best = logits.argmax(dim=-1).tolist() if any(is_plain) else []
-    return [TokenLogprob(best[i], 0.0) if is_plain[i] else sample_one(row, spec)
-            for i, (row, spec) in enumerate(zip(logits, specs))]
+def sample(logits: torch.Tensor, specs: list[SeqSampling],
+           allowed: list[torch.Tensor | None] | None = None) -> list[TokenLogprob]:
+    """logits [N, V] float32, one row per spec; `allowed`: per row, its grammar's mask or None. Plain
+    greedy rows share one argmax over the batch (the same token as their own argmax: one op instead of
+    one per row)."""
+    allowed = allowed or [None] * len(specs)
+    tokens: list[TokenLogprob | None] = [None] * len(specs)
+    if any(is_plain_greedy(spec) for spec in specs):
+        for i, token_id in enumerate(logits.argmax(dim=-1).tolist()):
+            tokens[i] = TokenLogprob(token_id, 0.0) if is_plain_greedy(specs[i]) else None
+    # greedy rows constrained by a grammar and nothing else: one masked argmax over all of them
+    masked = [i for i, spec in enumerate(specs) if allowed[i] is not None and is_plain_greedy(spec, grammar=False)]
+    if masked:
+        rows = logits[masked].masked_fill(~torch.stack([allowed[i] for i in masked]), float("-inf"))
+        for i, token_id in zip(masked, rows.argmax(dim=-1).tolist()):
+            tokens[i] = TokenLogprob(token_id, 0.0)
+    return [token if token is not None else sample_one(row, spec, allowed[i])
+            for i, (token, row, spec) in enumerate(zip(tokens, logits, specs))]

@@ -20,6 +20,7 @@ from hexcore.model.llama import LlamaStage, load_stage, read_model_config
 from hexcore.model.parallel import SINGLE, TPGroup
 from hexcore.model.pipeline import destination_ranks, source_rank
 from hexcore.model.weights import Checkpoint
+from hexcore.worker.grammar import DEFERRED, GrammarMatchers
 from hexcore.worker.sampler import sample, scored_token
 
 
@@ -38,6 +39,17 @@ class StageRunner:
         self.busy_seconds = 0.0
         self.num_steps = 0
         self.recent_steps: deque[tuple[int, float, float]] = deque(maxlen=256)
+        self.model_dir: Path | None = None  # where the tokenizer is, for grammars
+        self._grammars: GrammarMatchers | None = None
+
+    def start_grammars(self) -> GrammarMatchers:
+        """The grammar masks of constrained requests (structured outputs); on the rank that samples, the
+        worker starts them at once so the tokenizer loads in the background."""
+        if self._grammars is None:
+            if self.model_dir is None:
+                raise RuntimeError("this stage runner has no model directory to build grammars from")
+            self._grammars = GrammarMatchers(self.model_dir, self.model.dims.vocab_size)
+        return self._grammars
 
     def run(self, batch: StepBatch) -> StepResult | None:
         inputs = self._receive(batch)
@@ -89,8 +101,17 @@ class StageRunner:
         if not self.tp.is_leader:
             return None
         specs = [spec for spec in batch.sampling if spec is not None]
-        sampled = iter(sample(logits[: len(specs)], specs)) if specs else iter(())
+        allowed = None
+        if any(spec.params.grammar is not None for spec in specs):
+            allowed = self.start_grammars().allowed(specs)
+        masks = [None if mask is DEFERRED else mask for mask in allowed] if allowed is not None else None
+        sampled = iter(sample(logits[: len(specs)], specs, masks)) if specs else iter(())
+        # a row whose grammar is still compiling gets no token: the engine computes its last token again
         tokens = [next(sampled) if spec is not None else None for spec in batch.sampling]
+        if allowed is not None:
+            deferred = iter(mask is DEFERRED for mask in allowed)
+            tokens = [None if spec is not None and next(deferred) else token
+                      for spec, token in zip(batch.sampling, tokens)]
         prompt_logprobs: list = [None] * len(batch.sampling)
         if any(batch.prompt_scoring):
             logprobs = iter(torch.log_softmax(logits[len(specs):], dim=-1))
@@ -115,7 +136,9 @@ def load_stage_runner(model_dir: Path, dtype: str, device: torch.device, stages:
     checkpoint.close()
     kv_caches = allocate_kv_cache(stage.num_layers, num_kv_blocks, block_size, dims.num_kv_heads // tp.size,
                                   dims.head_dim, torch_dtype, device)
-    return StageRunner(model, kv_caches, tp, rank, stage_index, stages, block_size, device)
+    runner = StageRunner(model, kv_caches, tp, rank, stage_index, stages, block_size, device)
+    runner.model_dir = Path(model_dir)
+    return runner
 
 
 def single_rank_runner(model_dir: Path, num_layers: int, dtype: str, num_kv_blocks: int, block_size: int,

@@ -35,6 +35,8 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.received: dict[str, tuple[list[int], SamplingParams]] = {}
+        self.num_cached_tokens = 0  # what every request reports as found in the prefix cache
+        self.script: str | None = None  # when set, greedy requests reply with this text (then eos)
         self._is_ready = False
         self.is_shut_down = False
         self._greedy_ids = self.tokenizer.encode(SENTENCE * 4, add_special_tokens=False)
@@ -87,6 +89,7 @@ class FakeEngine:
         self.received[request_id] = (list(prompt_token_ids), params)
         self.running.add(request_id)
         is_failing = FAIL_MID_STREAM in self.tokenizer.decode(prompt_token_ids)
+        script = self.tokenizer.encode(self.script, add_special_tokens=False) if self.script and params.is_greedy else None
         rngs = [random.Random(None if params.seed is None else params.seed * 1000 + i) for i in range(params.n)]
         tokens: list[list[int]] = [[] for _ in range(params.n)]
         texts = [""] * params.n
@@ -107,10 +110,10 @@ class FakeEngine:
                 for i in range(params.n):
                     if done[i]:
                         continue
-                    token = self._next_token(prompt_token_ids, params, rngs[i], step)
+                    token = self._next_token(prompt_token_ids, params, rngs[i], step) if script is None else script[step]
                     tokens[i].append(token)
                     full = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
-                    finish = None
+                    finish = "stop" if script is not None and step == len(script) - 1 else None
                     if token in params.stop_token_ids and len(tokens[i]) > params.min_tokens:
                         finish = "stop"
                     for stop in params.stop:
@@ -125,6 +128,7 @@ class FakeEngine:
                 yield RequestOutput(
                     request_id=request_id, num_prompt_tokens=len(prompt_token_ids), choices=deltas,
                     is_finished=all(done), prompt_logprobs=prompt_logprobs if step == 0 else None, replica="r0",
+                    num_cached_tokens=self.num_cached_tokens,
                 )
                 step += 1
             self.finished.append(request_id)

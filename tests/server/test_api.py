@@ -82,7 +82,8 @@ def test_chat_raw_sse_role_chunk_first_and_usage_chunk(base_url, tiny_tokenizer)
     assert usage["choices"] == []
     prompt = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
     num_prompt = len(tiny_tokenizer.encode(prompt, add_special_tokens=False))
-    assert usage["usage"] == {"prompt_tokens": num_prompt, "completion_tokens": 6, "total_tokens": num_prompt + 6}
+    assert usage["usage"] == {"prompt_tokens": num_prompt, "completion_tokens": 6, "total_tokens": num_prompt + 6,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_no_usage_chunk_unless_asked(client):
