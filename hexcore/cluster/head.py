@@ -99,6 +99,11 @@ class ClusterHead:
                 self._changed.wait(0.5)
             return self._worker_conns.pop(key)
 
+    def exit_code(self, node: str, store_prefix: str, rank: int) -> int | None:
+        """A worker's exit code as its agent reported it (None while it runs, or with its node lost)."""
+        link = self._nodes.get(node)
+        return link.exitcodes.get((store_prefix, rank)) if link is not None else None
+
     def exit_cause(self, node: str, store_prefix: str, rank: int) -> str | None:
         """Why a worker on `node` is gone, or None while it runs."""
         link = self._nodes.get(node)
@@ -240,7 +245,8 @@ class RemoteWorkerProcess:
 
     @property
     def exitcode(self) -> int | None:
-        return None
+        """As its agent reported it; None while it runs, or when its node was lost."""
+        return self.head.exit_code(self.node, self.spec.store_prefix, self.spec.rank)
 
     def is_alive(self) -> bool:
         return self.cause is None

@@ -155,7 +155,9 @@ class ReplicaWorkers:
         except (EOFError, OSError):
             raise self._failure(rank) from None
         if isinstance(message, WorkerFailed):
-            raise WorkerFailure(self.specs[rank], f"raised {message.error}", message.step_id)
+            # a peer's death makes the others' collectives raise: blame the death, not the step
+            raise self._dead_peer(rank, wait=1.0) or WorkerFailure(self.specs[rank], f"raised {message.error}",
+                                                                   message.step_id)
         if isinstance(message, WorkerStats):
             self.stats[message.rank] = message
             return None
@@ -165,6 +167,18 @@ class ReplicaWorkers:
         process = self.processes[rank]
         process.join(timeout=1.0)
         return WorkerFailure(self.specs[rank], cause or getattr(process, "cause", None) or describe_exit(process.exitcode))
+
+    def _dead_peer(self, reporter: int, wait: float) -> WorkerFailure | None:
+        """A failure for a worker other than `reporter` that died (killed, crashed, or its node lost; not
+        one that exited cleanly after reporting an exception), if one has or does within `wait` seconds."""
+        deadline = time.monotonic() + wait
+        while True:
+            for rank, process in enumerate(self.processes):
+                if rank != reporter and not process.is_alive() and process.exitcode != 0:
+                    return self._failure(rank)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def lost_node(self) -> WorkerFailure | None:
         """A failure for the first worker whose node the head has lost (its connections may never break)."""

@@ -86,6 +86,7 @@ def two_replicas(tiny_model_dir):
 def test_sigkill_of_a_worker_moves_its_requests_and_every_stream_completes_unchanged(two_replicas, rank):
     llm, reference = two_replicas
     replicas = {r.name: r for r in llm.core.replicas}
+    wait_until_up(llm, "r1", timeout=30)  # after the previous case's restart
     restarts = replicas["r1"].num_restarts
     tokens, errors = run_with_failure(llm, [GREEDY, SEEDED] * 3, kill_worker("r1", rank))
     assert errors == [None] * len(PROMPTS)
