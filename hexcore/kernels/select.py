@@ -64,3 +64,18 @@ def elementwise_kernels(device: torch.device, dtype: torch.dtype) -> Elementwise
 
         return elementwise.load()
     return None
+
+
+def build_cpu_kernels() -> None:
+    """Compile (or load) every CPU loop now, so the first worker does not wait for the compiler
+    (`python -m hexcore.kernels.select`, run by `make install`). Without a compiler each logs a
+    warning and the torch path serves."""
+    from hexcore.kernels import elementwise, paged_attention, panel_linear
+
+    elementwise.load()
+    paged_attention.load()
+    panel_linear.packed_linear(torch.zeros(1, 1))
+
+
+if __name__ == "__main__":
+    build_cpu_kernels()

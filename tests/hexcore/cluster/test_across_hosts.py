@@ -83,7 +83,7 @@ def test_stages_on_other_hosts_with_other_tp_degrees_match_hf(three_hosts, tiny_
     script = tmp_path / "generate.py"
     script.write_text(GENERATE)
     run = cluster.run("head", [sys.executable, str(script), str(path), json.dumps(PROMPTS)], env=environment(),
-                      cwd=REPO, timeout=300)
+                      cwd=REPO, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     results = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULTS "))[8:])
     assert {r["replica"] for r in results} == {"r0", "r1"}, "both replicas must serve"
