@@ -169,7 +169,8 @@ def test_raw_sse_framing(server, model):
     assert all(event.startswith("data: ") and "\n" not in event for event in events)  # no comments, no event: lines
     chunks = [json.loads(event[6:]) for event in events[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert chunks[-1]["choices"] == [] and set(chunks[-1]["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert chunks[-1]["choices"] == [] and set(chunks[-1]["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens",
+                                                                        "prompt_tokens_details"}  # cached_tokens
     assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
@@ -190,7 +191,7 @@ ERROR_CASES = [
     ("top_p of 0", dict(top_p=0.0), openai.BadRequestError),
     ("top_p above 1", dict(top_p=1.5), openai.BadRequestError),
     ("n below 1", dict(n=0), openai.BadRequestError),
-    ("unknown model", dict(model="no-such-model"), openai.BadRequestError),
+    ("unknown model", dict(model="no-such-model"), openai.NotFoundError),  # 404 model_not_found, as OpenAI
     ("prompt over max_model_len", dict(prompt="cat " * 600), openai.BadRequestError),
     ("wrong type", dict(extra_body={"max_tokens": "ten"}), openai.BadRequestError),
     ("unsupported parameter", dict(suffix="!"), openai.BadRequestError),
@@ -206,11 +207,11 @@ def test_error_raises_then_server_recovers(client, model, case, overrides, excep
     assert client.completions.create(model=model, prompt="Hello", max_tokens=3).choices[0].text is not None
 
 
-def test_chat_unsupported_tools_is_400(client, model):
-    with pytest.raises(openai.BadRequestError, match="tools"):
+def test_chat_unsupported_tool_type_is_400(client, model):
+    with pytest.raises(openai.BadRequestError, match="tools"):  # function tools are served; other kinds are not
         client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "Hi"}],
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tools=[{"type": "web_search_preview"}],
         )
     assert client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2).choices
 
