@@ -116,7 +116,7 @@ def main() -> None:
 
             save(sweep(runtime, model, trace, base, seconds, partial=save), done=True)
     saved = {key: json.loads(path.read_text()) for key in RUNTIMES if (path := out / f"paper_comparison_{key}.json").exists()}
-    if len(saved) == len(RUNTIMES) and all(data.get("complete") for data in saved.values()):
+    if len(saved) == len(RUNTIMES) and (args.report or all(data.get("complete") for data in saved.values())):
         text = report(saved, base)
         (out / "paper_comparison.md").write_text(text)
         print(text)
@@ -252,10 +252,11 @@ def report(saved: dict, base: float) -> str:
                for label in pts}
         homo_rate = sustained_rate(rates, pts[HOMOGENEOUS]["by_rate"])
         homo_scale = lowest_scale(scales, att[HOMOGENEOUS][1])
-        fixed_rate = sustained_rate(rates, pts[FIXED_BASELINE]["by_rate"])
-        fixed_scale = lowest_scale(scales, att[FIXED_BASELINE][1])
+        fixed_rate = sustained_rate(rates, pts[FIXED_BASELINE]["by_rate"]) if FIXED_BASELINE in pts else 0.0
+        fixed_scale = lowest_scale(scales, att[FIXED_BASELINE][1]) if FIXED_BASELINE in pts else math.inf
         lines += [
             f"### {runtime.name}", "",
+            ("" if data.get("complete", True) else f"Incomplete run: pools {', '.join(pts)} only. ") +
             f"Simulated in {data['elapsed_s']:.0f} s. Ratios against the planned A100 pool, and in brackets against "
             f"the A100 pool as 2x TP8 (not planned).", "",
             f"| pool | highest sustained rate at {DEADLINE_SCALE:g}x deadline (req/s) | vs 16x A100 (paper: up to {PAPER['rate']:g}x) | "
