@@ -17,6 +17,7 @@ Seeded with `random.Random(seed)`: the same inputs give the same plan.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
@@ -50,8 +51,10 @@ class SearchParams:
 def search(
     cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, params: SearchParams = SearchParams(),
     engine: EngineSpec | None = None, is_symmetric: bool = False, show_progress: bool = False,
+    with_sustainable_rate: bool = True,
 ) -> SearchResult:
-    """DP per replica + genetic search across replicas; raises ValueError when nothing fits."""
+    """DP per replica + genetic search across replicas; raises ValueError when nothing fits. Without
+    `with_sustainable_rate`, the result's max_sustainable_rate_rps is nan (its bisection skipped)."""
     started = time.perf_counter()
     scorer = PartitionScorer(cluster, model, workload, engine, is_symmetric, params.num_sim_requests)
     rng = random.Random(params.seed)
@@ -122,7 +125,7 @@ def one_replica(
     return finish(scorer, everything, started)
 
 
-def finish(scorer: PartitionScorer, best: Partition, started: float) -> SearchResult:
+def finish(scorer: PartitionScorer, best: Partition, started: float, with_sustainable_rate: bool = True) -> SearchResult:
     fitness = scorer.fitness(best)
     if fitness[0] < 0:
         raise ValueError(f"infeasible pool: {scorer.infeasible_reason()}")
@@ -133,7 +136,7 @@ def finish(scorer: PartitionScorer, best: Partition, started: float) -> SearchRe
         plan=scorer.to_plan(layouts), partition=best, fitness=fitness,
         predicted=simulate(costs, workload, capacities=capacities), replica_throughputs_rps=tuple(capacities),
         search_seconds=time.perf_counter() - started, num_evaluated=scorer.num_evaluated,
-        max_sustainable_rate_rps=max_sustainable_rate(costs, workload, capacities),
+        max_sustainable_rate_rps=max_sustainable_rate(costs, workload, capacities) if with_sustainable_rate else math.nan,
     )
 
 

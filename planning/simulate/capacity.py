@@ -39,8 +39,9 @@ def _saturated(cost: ReplicaCost, length_pairs: tuple[tuple[int, int], ...]) -> 
     estimate = cost.throughput_rps(prompt, output, max(p + o for p, o in length_pairs))
     if estimate <= 0:
         return 0.0
-    burst = WorkloadSpec(rate=2 * estimate, trace=list(length_pairs), slo_seconds=1.0,
-                         num_requests=NUM_SATURATION_REQUESTS)
+    # a queue forms within a few batches: 300 requests for the default 64 sequences, 100 for one at a time
+    num_requests = min(NUM_SATURATION_REQUESTS, max(100, 5 * cost.engine.max_num_seqs))
+    burst = WorkloadSpec(rate=2 * estimate, trace=list(length_pairs), slo_seconds=1.0, num_requests=num_requests)
     finish = sorted(simulate_finish_times(cost, burst, make_requests(burst)))
     # after the ramp-up, and while requests still wait (the last max_num_seqs are admitted to an empty queue)
     first, last = len(finish) // 5, len(finish) - cost.engine.max_num_seqs - 1
