@@ -115,3 +115,12 @@ def write_plan_file(path: str | Path, config: DeploymentConfig, header: list[str
         text = f"{first}  # {model_comment}\n{rest}"
     lines = [f"# {line}" if line else "#" for line in header]
     Path(path).write_text("\n".join(lines) + "\n" + text)
+
+
+def describe_shapes(plan: DeploymentPlan) -> str:
+    """Replicas as counts of their TP shapes, e.g. '4x TP4, 2x TP8/TP8'."""
+    shapes: dict[str, int] = {}
+    for replica in plan.replicas:
+        shape = "TP" + "/".join(str(s.tp) for s in replica.stages)
+        shapes[shape] = shapes.get(shape, 0) + 1
+    return ", ".join(f"{n}x {shape}" for shape, n in sorted(shapes.items(), key=lambda kv: -kv[1]))

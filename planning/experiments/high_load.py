@@ -20,7 +20,7 @@ from planning.experiments.paper_comparison import CONFIGS, deadline_unit
 from planning.inputs.cluster import load_cluster
 from planning.inputs.models import load_model
 from planning.inputs.workload import load_workload
-from planning.placement import plan_from_config
+from planning.placement import describe_shapes, plan_from_config
 from planning.search.genetic import SearchParams, search
 from planning.simulate.evaluate import evaluate_deployment
 
@@ -31,15 +31,6 @@ POOLS = {  # label -> (cluster file, hand plans)
                              ["paper-16xa100-hand-4x-tp4.yaml", "paper-16xa100-hand-2x-tp8.yaml"]),
 }
 DEFAULTS = SearchParams(num_sim_requests=64)  # `hexgen plan`'s defaults
-
-
-def describe(plan) -> str:
-    """Replicas as 'TP a/b x layers' counts, e.g. '4x TP4, 2x TP8'."""
-    shapes: dict[str, int] = {}
-    for replica in plan.replicas:
-        shape = "TP" + "/".join(str(s.tp) for s in replica.stages)
-        shapes[shape] = shapes.get(shape, 0) + 1
-    return ", ".join(f"{n}x {shape}" for shape, n in sorted(shapes.items(), key=lambda kv: -kv[1]))
 
 
 def main() -> None:
@@ -62,12 +53,12 @@ def main() -> None:
             started = time.perf_counter()
             result = search(cluster, model, workload, DEFAULTS)
             elapsed = time.perf_counter() - started
-            print(f"| {label} | {rate:g} | `hexgen plan` | {describe(result.plan)} | "
+            print(f"| {label} | {rate:g} | `hexgen plan` | {describe_shapes(result.plan)} | "
                   f"{result.predicted.slo_attainment:.3f} | {result.max_sustainable_rate_rps:.1f} | {elapsed:.1f} |", flush=True)
             for hand in hand_files:
                 config = load_config(CONFIGS / "deployments" / hand)
                 evaluation = evaluate_deployment(cluster, model, config, workload)
-                shape = describe(plan_from_config(config, cluster))
+                shape = describe_shapes(plan_from_config(config, cluster))
                 print(f"| {label} | {rate:g} | {Path(hand).stem} | {shape} | {evaluation.predicted.slo_attainment:.3f} | "
                       f"{evaluation.max_sustainable_rate_rps:.1f} | |", flush=True)
 

@@ -48,6 +48,7 @@ from planning.inputs.models import load_model  # noqa: E402
 from planning.inputs.workload import WorkloadSpec, load_workload  # noqa: E402
 from planning.cost.replica_cost import replica_cost  # noqa: E402
 from planning.simulate.capacity import max_sustainable_rate  # noqa: E402
+from planning.placement import describe_shapes  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RESULTS = Path(__file__).parent / "results"
@@ -165,21 +166,12 @@ def point(cluster, model, trace: WorkloadSpec, runtime: Runtime, is_symmetric: b
         except ValueError:
             return {"rate": rate, "slo_s": slo, "attainment": 0.0, "steady_rps": 0.0, "sustainable_rps": 0.0,
                     "plan": "nothing fits", "seconds": 0.0}
-        predicted, shape = result.predicted, describe(result.plan)
+        predicted, shape = result.predicted, describe_shapes(result.plan)
         costs = [replica_cost(cluster, model, r, runtime.engine) for r in result.plan.replicas]
         sustainable = max_sustainable_rate(costs, workload, list(result.replica_throughputs_rps)) if top else math.nan
     return {"rate": rate, "slo_s": slo, "attainment": round(predicted.slo_attainment, 4),
             "steady_rps": round(predicted.steady_throughput_rps, 3), "sustainable_rps": round(sustainable, 3),
             "plan": shape, "seconds": round(time.perf_counter() - started, 2)}
-
-
-def describe(plan) -> str:
-    """Replicas as counts of their TP shapes, e.g. '4x TP4, 2x TP8/TP8'."""
-    shapes: dict[str, int] = {}
-    for replica in plan.replicas:
-        shape = "TP" + "/".join(str(s.tp) for s in replica.stages)
-        shapes[shape] = shapes.get(shape, 0) + 1
-    return ", ".join(f"{n}x {shape}" for shape, n in sorted(shapes.items(), key=lambda kv: -kv[1]))
 
 
 def single_request_latency(cluster, model, trace: WorkloadSpec) -> float:
