@@ -309,7 +309,9 @@ def test_two_replicas_behind_one_endpoint_and_full_queue_is_503(tiny_model_dir, 
         client = openai.AsyncOpenAI(base_url=f"{busy.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
         long = dict(model=model, prompt="Hi", max_tokens=400, stream=True, extra_body={"ignore_eos": True})
         running = [await client.completions.create(**long) for _ in range(2)]
-        busy_replicas = running_by_replica()
+        deadline = time.monotonic() + 10  # the metrics read a snapshot the engine publishes after its next step
+        while sum((busy_replicas := running_by_replica()).values()) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         waiting = asyncio.create_task(client.completions.create(model=model, prompt="Hi", max_tokens=2))
         while metric(busy, "hexgen_num_requests_waiting") < 1:
             await asyncio.sleep(0.05)
