@@ -2,7 +2,7 @@
 
 SmolLM2-135M as two stages of 15 layers, TP 1 each, one replica, 2 micro-batches, one thread per worker. Cases:
 both stages on the head (no link), then stage 0 on the head and stage 1 on host `a` (devices `cpu`, `a/cpu`), the
-head <-> a link shaped to 1000, 100 and 20 Mbit/s. Hosts are network namespaces of tests/cluster/harness.py sharing
+head <-> a link shaped to 1000, 100 and 20 Mbit/s. Hosts are network namespaces of planning/emulation/harness.py sharing
 this machine's cores (compute is not split, only links); `a` runs `hexgen node`, the head runs the offline engine
 (hexcore LLM) in a script inside its namespace, so the figures are engine figures, not HTTP.
 
@@ -326,7 +326,7 @@ def main() -> None:
         inner(args)
         return
 
-    from tests.cluster.harness import EmulatedCluster, skip_reason
+    from planning.emulation.harness import EmulatedCluster, skip_reason
 
     reason = skip_reason()
     if reason is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import EmulatedCluster, skip_reason
+from planning.emulation.harness import EmulatedCluster, skip_reason
 
 
 @pytest.fixture

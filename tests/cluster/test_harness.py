@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from . import cgroups, netns
-from .harness import EmulatedCluster, skip_reason
+from planning.emulation import cgroups, netns
+from planning.emulation.harness import EmulatedCluster, skip_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -253,7 +253,7 @@ DRIVER = textwrap.dedent("""
     faulthandler.register(signal.SIGUSR1)  # the test dumps our stacks if we hang
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (a background job inherits SIG_IGN)
     sys.path.insert(0, sys.argv[1])
-    from tests.cluster.harness import EmulatedCluster
+    from planning.emulation.harness import EmulatedCluster
     cluster = EmulatedCluster(["a", "b"], cpu_quota={"a": 0.5}).start()
     p = cluster.popen("a", [sys.executable, "-c", "import time; time.sleep(1000)", sys.argv[2]])
     print(cluster.prefix, p.pid, flush=True)

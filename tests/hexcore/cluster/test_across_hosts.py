@@ -1,4 +1,4 @@
-"""One deployment across three hosts (network namespaces on shaped links, tests/cluster): the head
+"""One deployment across three hosts (network namespaces on shaped links, planning/emulation): the head
 and two node agents (`hexgen node`). Stages on different hosts with different TP degrees give HF's
 greedy tokens and log-probs; a wrong token and a missing node are refused with messages on both sides;
 an agent SIGKILLed mid-run fails over only the replica that had workers there."""

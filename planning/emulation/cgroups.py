@@ -45,9 +45,18 @@ def create(name: str) -> Path:
     return group
 
 
-def set_quota(name: str, cores: float | None) -> None:
-    """Limit the group to ``cores`` of a CPU (0.25 = a quarter of one core per period); None = no limit."""
+def set_quota(name: str, cores: float | None, period_us: int | None = None) -> None:
+    """Limit the group to ``cores`` of a CPU (0.25 = a quarter of one core per period); None = no limit.
+
+    ``period_us``: the CFS period (default: the group's, 100 ms). A shorter one spreads a small quota into
+    shorter bursts: 0.2 core over 10 ms runs 2 ms of every 10, not 20 ms of every 100.
+    """
     group = path(name)
+    if period_us is not None:
+        if not 1000 <= period_us <= 1_000_000:
+            raise ValueError(f"cpu period must be 1000..1000000 us, got {period_us}")
+        (group / "cpu.cfs_quota_us").write_text("-1")  # a quota longer than the new period would be refused
+        (group / "cpu.cfs_period_us").write_text(str(int(period_us)))
     if cores is None:
         (group / "cpu.cfs_quota_us").write_text("-1")
         return

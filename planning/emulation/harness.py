@@ -1,4 +1,4 @@
-"""An emulated multi-host cluster on one Linux machine, for tests (root only; see :func:`skip_reason`).
+"""An emulated multi-host cluster on one Linux machine, for tests and experiments (root only; see :func:`skip_reason`).
 
 Each host is a network namespace with one interface, ``eth0``, holding an address of a /24 that exists only inside
 the cluster's namespaces.  All hosts plug into a bridge that lives in a "switch" namespace of its own, so nothing
@@ -115,13 +115,14 @@ class EmulatedCluster:
     bandwidth_mbit  {(site, site): Mbit/s}, unordered pairs, (s, s) for hosts of one site.  A pair not listed gets
                     ``default_mbit``; None means unshaped (as fast as the veth goes).
     cpu_quota       {host: cores}, e.g. {"a": 0.4}: the host's processes share 0.4 of one CPU (cgroup v1 CFS quota)
+    cpu_period_us   the CFS period of every host's quota (default: the kernel's, 100 ms)
     """
 
     interface = shaping.DEV
 
     def __init__(self, hosts: Sequence[str], *, sites: Mapping[str, str] | None = None,
                  bandwidth_mbit: Mapping[tuple[str, str], float] | None = None, default_mbit: float | None = None,
-                 cpu_quota: Mapping[str, float] | None = None):
+                 cpu_quota: Mapping[str, float] | None = None, cpu_period_us: int | None = None):
         hosts = list(hosts)
         if not hosts:
             raise ValueError("a cluster needs at least one host")
@@ -142,6 +143,7 @@ class EmulatedCluster:
             self._site_bw[frozenset((s1, s2))] = mbit
         self.default_mbit = default_mbit
         self._initial_quota = dict(cpu_quota or {})
+        self.cpu_period_us = cpu_period_us
         unknown = [h for h in self._initial_quota if h not in hosts]
         if unknown:
             raise ValueError(f"cpu_quota for unknown hosts {unknown}")
@@ -327,7 +329,7 @@ class EmulatedCluster:
             name = f"{self.prefix}-{host}"
             cgroups.create(name)
             self._cgroups[host] = name
-        cgroups.set_quota(self._cgroups[host], cores)
+        cgroups.set_quota(self._cgroups[host], cores, self.cpu_period_us)
         cgroups.set_shares(self._cgroups[host], shares)
 
     def cpu_quota(self, host: str) -> float | None:
