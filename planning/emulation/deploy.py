@@ -47,9 +47,11 @@ class HostProcess:
         return self.process.returncode
 
 
-def start_agent(cluster: EmulatedCluster, host: str, head: str, port: int, env: dict, log_dir: Path) -> HostProcess:
-    """`hexgen node` on `host`, joining the head's cluster port (it retries until the head is up)."""
-    argv = hexgen_argv("node", "--head", f"{cluster.address(head)}:{port}", "--name", host)
+def start_agent(cluster: EmulatedCluster, host: str, head: str, port: int, env: dict, log_dir: Path,
+                *args: str) -> HostProcess:
+    """`hexgen node` on `host` (with `args`, e.g. its budget), joining the head's cluster port (it retries
+    until the head is up)."""
+    argv = hexgen_argv("node", "--head", f"{cluster.address(head)}:{port}", "--name", host, *args)
     return HostProcess(cluster, host, argv, log_dir / f"agent-{host}.log", env)
 
 

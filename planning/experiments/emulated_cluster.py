@@ -12,8 +12,8 @@ Needs root (network namespaces, tc, cgroup v1 cpu). The cluster (planning/emulat
   the cluster file gives the planner and the deployment gives the engine: none of the three holds the
   whole model (fp32 weights, workspace and useful KV); the head only runs `hexgen serve` (HTTP, driver) and
   the load generator, in a cgroup without a quota.
-Steps: each device is measured as it runs (`hexgen calibrate` on its host, inside its quota) and the
-cluster file is written with the shaped links; `hexgen plan` (default settings) and `hexgen plan
+Steps: each device's speed is measured as it runs (the engine's own stage timed on its host, inside its
+quota; see REFERENCE_DEVICE) and the cluster file is written with the shaped links; `hexgen plan` (default settings) and `hexgen plan
 --symmetric` (every stage the same TP degree and layer count) choose plans for the workload at PLAN_RATE;
 the naive plan splits the layers evenly over a, b, c in host order. Each plan is served across the hosts
 by `hexgen serve` and driven by `hexgen bench serve` (Poisson arrivals, fixed prompt and output lengths)
@@ -41,13 +41,14 @@ from pathlib import Path
 
 import yaml
 
-from hexcore.config import EngineSpec, check_against_model, load_config, parse_config
-from planning.calibrate.command import QUICK, calibrate, render
-from planning.calibrate.engine import StepShape
+from hexcore.config import check_against_model, load_config
+from hexcore.model.files import resolve_model_dir
+from planning.calibrate.engine import StepShape, time_engine_stage
+from planning.cost.stage_cost import StageCost
 from planning.emulation.deploy import REPO, bench_serve, hexgen_argv, start_agent, start_head, wait_healthy
 from planning.emulation.harness import EmulatedCluster
 from planning.experiments.paper_comparison import TARGET, highest_rate
-from planning.inputs.catalog import DeviceFile, load_device_file
+from planning.inputs.catalog import DeviceFile, DeviceSpec, LinkSpec, load_device_file
 from planning.inputs.cluster import load_cluster
 from planning.inputs.models import load_model
 from planning.inputs.workload import Request, WorkloadSpec
@@ -69,20 +70,23 @@ CLUSTER_PORT, HTTP_PORT = 8478, 8000
 TOKEN = "emulated-cluster-experiment-token-0123456789"
 MODEL = "smollm2-135m"
 PROMPT_LEN, OUTPUT_LEN = 32, 32
-SLO_SECONDS = 12.0
-PLAN_RATE = 1.5
-RATES = (0.5, 1.0, 1.5, 2.0, 2.5)
+SLO_SECONDS = 20.0
+PLAN_RATE = 1.3
+RATES = (0.4, 0.7, 1.0, 1.3, 1.6, 1.9)
 SECONDS = 60.0  # of arrivals per point
 STOP_BELOW = 0.5
 SEED = 0
 ENGINE = {"num_threads_per_worker": 1, "stall_timeout_seconds": 60.0}
 PLANS = ("planner", "symmetric", "naive")
-# calibration on each host: `hexgen calibrate --quick` with the engine's own stage timed at the workload's
-# shapes on 16 and 4 layers (the quick 4 and 2 extrapolate badly to a 10-20 layer stage)
-HOST_BUDGET = dataclasses.replace(
-    QUICK, engine_shapes=(StepShape(1, 1, 48), StepShape(4, 1, 48), StepShape(8, 1, 48), StepShape(1, 32, 32),
-                          StepShape(4, 32, 32)),
-    engine_layer_counts=(16, 4), num_engine_reps=3, link_sizes=(4 << 10, 1 << 20), num_link_reps=5)
+# Each device's speed: the engine's own stage (embedding, SPEED_LAYERS layers, LM head, sampling) timed at
+# the workload's shapes on its host, against the cost model of this machine's full calibration
+# (REFERENCE_DEVICE, one thread). One scalar per host: a quota scales every term of a step alike, and a
+# 4-term fit per host under a quota is noise (measured: two 0.2-core hosts fitted 8.7 and 6.0 ms per layer)
+REFERENCE_DEVICE = REPO / "configs" / "devices" / "local-cpu.yaml"
+SPEED_SHAPES = (StepShape(1, 1, 48), StepShape(4, 1, 48), StepShape(8, 1, 48), StepShape(1, 32, 32),
+                StepShape(4, 32, 32))
+SPEED_LAYERS = (16, 6)
+SPEED_REPS = 5
 LABELS = {"planner": "`hexgen plan`", "symmetric": "best symmetric (`hexgen plan --symmetric`)",
           "naive": "naive (layers evenly over a, b, c)"}
 
@@ -94,7 +98,7 @@ class Setup:
     rates: tuple[float, ...] = RATES
     seconds: float = SECONDS
     plans: tuple[str, ...] = PLANS
-    is_measured_calibration: bool = True  # else the committed local-cpu calibration scaled by each quota
+    is_measured_calibration: bool = True  # each host's speed measured; else its CPU quota
 
 
 def environment() -> dict:
@@ -103,40 +107,50 @@ def environment() -> dict:
 
 # ------------------------------------------------------------------------------------------- calibration
 
-def calibrate_devices(cluster: EmulatedCluster, out: Path) -> dict[str, DeviceFile]:
-    """Every device measured where it runs: `hexgen calibrate`'s measurements (HOST_BUDGET) on its host,
-    inside the host's quota, all hosts at once (their quotas keep them apart)."""
-    def one(host: str) -> DeviceFile:
-        path = out / f"device-{host}.yaml"
-        argv = [sys.executable, "-m", "planning.experiments.emulated_cluster", "--calibrate-here", str(path)]
-        run = cluster.run(host, argv, env=environment(), cwd=REPO, timeout=1200)
+def measure_speeds(cluster: EmulatedCluster, out: Path) -> dict[str, float]:
+    """Every device's speed measured where it runs: the engine's own stage timed on its host, inside the
+    host's quota (`--time-stage-here`), all hosts at once (their quotas keep them apart); per host, the
+    median of reference time / measured time over SPEED_SHAPES."""
+    reference = load_device_file(REFERENCE_DEVICE).device()
+
+    def one(host: str) -> float:
+        path = out / f"stage-timings-{host}.json"
+        argv = [sys.executable, "-m", "planning.experiments.emulated_cluster", "--time-stage-here", str(path)]
+        run = cluster.run(host, argv, env=environment(), cwd=REPO, timeout=900)
         if run.returncode != 0:
-            raise RuntimeError(f"`hexgen calibrate` on {host} failed:\n{run.stderr[-3000:]}")
-        return load_device_file(path)
+            raise RuntimeError(f"timing the engine's stage on {host} failed:\n{run.stderr[-3000:]}")
+        return speed(json.loads(path.read_text()), reference)
 
     with ThreadPoolExecutor(len(DEVICE_CORES)) as pool:
         return dict(zip(DEVICE_CORES, pool.map(one, DEVICE_CORES)))
 
 
-def calibrate_here(path: Path) -> None:
-    """Inside a host: `hexgen calibrate` with HOST_BUDGET, the device file written to `path`."""
-    calibration = calibrate("float32", 1, HOST_BUDGET, log=lambda line: print(line, file=sys.stderr, flush=True))
-    path.write_text(render(calibration, path.stem))
+def time_stage_here(path: Path) -> None:
+    """Inside a host: time SPEED_SHAPES on the engine's own stage of SPEED_LAYERS layers (one thread)."""
+    timings = time_engine_stage(resolve_model_dir("default"), "float32", 1, SPEED_SHAPES, SPEED_REPS, SPEED_LAYERS)
+    path.write_text(json.dumps([{**dataclasses.asdict(t.shape), "num_layers": t.num_layers, "median_s": t.median_s}
+                                for t in timings]))
 
 
-def scaled_devices() -> dict[str, DeviceFile]:
-    """The committed single-thread calibration of this machine (configs/devices/local-cpu.yaml) scaled by
-    each host's quota: compute and bandwidth times the cores, fixed overheads divided by them."""
-    base = load_device_file(REPO / "configs" / "devices" / "local-cpu.yaml")
-    devices = {}
-    for host, cores in DEVICE_CORES.items():
-        devices[host] = base.model_copy(update={
-            "name": f"{host}-cpu", "tflops": base.tflops * cores, "mem_bandwidth_gbs": base.mem_bandwidth_gbs * cores,
-            "overhead_ms_per_layer": base.overhead_ms_per_layer / cores,
-            "overhead_ms_per_step": base.overhead_ms_per_step / cores,
-            "overhead_us_per_kv_token": base.overhead_us_per_kv_token / cores,
-            "source": f"{base.source}, scaled by a {cores:g}-core quota", "link": None})
-    return devices
+def speed(timings: list[dict], reference: DeviceSpec) -> float:
+    """How fast a device runs the engine's stage, relative to the reference device's cost model."""
+    model = load_model(MODEL).with_dtype("float32")
+    stage = StageCost(model, reference, 1, LinkSpec(bandwidth_gbps=1, latency_ms=0), True, True)
+    ratios = []
+    for t in timings:
+        shape = StepShape(t["num_seqs"], t["num_new_tokens"], t["context_len"])
+        ratios.append(shape.step_time(stage, t["num_layers"]) / t["median_s"])
+    return statistics.median(ratios)
+
+
+def scaled_device(reference: DeviceFile, host: str, speed: float, how: str) -> DeviceFile:
+    """The reference device at `speed` times its pace: compute and bandwidth times it, fixed overheads over it."""
+    return reference.model_copy(update={
+        "name": f"{host}-cpu", "tflops": reference.tflops * speed, "mem_bandwidth_gbs": reference.mem_bandwidth_gbs * speed,
+        "overhead_ms_per_layer": reference.overhead_ms_per_layer / speed,
+        "overhead_ms_per_step": reference.overhead_ms_per_step / speed,
+        "overhead_us_per_kv_token": reference.overhead_us_per_kv_token / speed,
+        "source": f"{REFERENCE_DEVICE.name} x {speed:.3f} ({how})", "link": None})
 
 
 def cluster_file(devices: dict[str, DeviceFile]) -> dict:
@@ -181,19 +195,10 @@ def make_plans(cluster_path: Path, out: Path, names: tuple[str, ...]) -> dict[st
                 raise RuntimeError(f"`hexgen plan` ({name}) failed:\n{run.stdout}\n{run.stderr}")
             raw = yaml.safe_load(planned.read_text())
         raw["engine"] = {**raw.get("engine", {}), **ENGINE}
-        raw["engine"]["num_kv_blocks"] = kv_blocks(cluster_path, raw)
         raw["cluster"] = {"node_name": HEAD, "port": CLUSTER_PORT, "join_timeout_seconds": 300}
         paths[name] = out / f"deploy-{name}.yaml"
         paths[name].write_text(yaml.safe_dump(raw, sort_keys=False))
     return paths
-
-
-def kv_blocks(cluster_path: Path, raw: dict) -> int:
-    """The engine's side of the memory budget (until workers size their KV cache from their host's budget):
-    the KV blocks per replica that the planner's memory model leaves on the tightest stage of the plan."""
-    cluster, config, model = load_cluster(cluster_path), parse_config(raw), load_model(MODEL).with_dtype("float32")
-    costs = replica_costs(cluster, model, config, plan_from_config(config, cluster))
-    return min(c.kv_capacity_tokens for c in costs) // config.engine.block_size
 
 
 def serving_config(path: Path, cluster: EmulatedCluster) -> Path:
@@ -255,7 +260,11 @@ def run(setup: Setup, out: Path, log=print) -> dict:
                          cpu_period_us=CPU_PERIOD_US) as cluster:
         cluster.set_cpu_quota(HEAD, None)  # a group of its own, weighted like the others, no limit
         phase = time.perf_counter()
-        devices = calibrate_devices(cluster, out) if setup.is_measured_calibration else scaled_devices()
+        speeds = measure_speeds(cluster, out) if setup.is_measured_calibration else dict(DEVICE_CORES)
+        how = "speed measured on its host" if setup.is_measured_calibration else "scaled by its CPU quota"
+        reference = load_device_file(REFERENCE_DEVICE)
+        devices = {host: scaled_device(reference, host, speeds[host], how) for host in DEVICE_CORES}
+        results["speeds"] = {host: round(v, 4) for host, v in speeds.items()}
         cluster_path = out / "cluster.yaml"
         cluster_path.write_text(yaml.safe_dump(cluster_file(devices), sort_keys=False))
         results["calibration_s"] = round(time.perf_counter() - phase, 1)
@@ -263,7 +272,8 @@ def run(setup: Setup, out: Path, log=print) -> dict:
         phase = time.perf_counter()
         plans = make_plans(cluster_path, out, setup.plans)
         results["planning_s"] = round(time.perf_counter() - phase, 1)
-        agents = [start_agent(cluster, host, HEAD, CLUSTER_PORT, environment(), runs) for host in DEVICE_CORES]
+        agents = [start_agent(cluster, host, HEAD, CLUSTER_PORT, environment(), runs, "--num-cpus", "1",
+                              "--memory-gb", str(DEVICE_MEMORY_GB[host])) for host in DEVICE_CORES]
         for name, path in plans.items():
             config = load_config(path)
             entry = {"label": LABELS[name], "shape": describe_shapes(plan_from_config(config, load_cluster(cluster_path))),
@@ -347,7 +357,9 @@ def report(results: dict) -> str:
         f"SmolLM2-135M (fp32) on an emulated cluster: hosts head, a, b (site s1) and c (site s2) as network namespaces, "
         f"links {BANDWIDTH_MBIT[('s1', 's1')]:g} Mbit/s in a site and {BANDWIDTH_MBIT[('s1', 's2')]:g} Mbit/s across (tc htb); "
         f"one cpu device per host with a CPU quota (cores: {cores}) and a memory budget ({memory}). "
-        f"Devices {'measured by `hexgen calibrate` on their hosts' if s['is_measured_calibration'] else 'scaled from the local calibration'}; "
+        f"Devices: this machine's calibration (configs/devices/local-cpu.yaml) at each host's speed "
+        f"({', '.join(f'{h} {v:.3f}x' for h, v in results.get('speeds', {}).items())}), "
+        f"{'measured on the host by timing the engine stage' if s['is_measured_calibration'] else 'its CPU quota'}; "
         f"plans for {s['plan_rate']:g} req/s. Workload: prompt {s['prompt_len']}, output {s['output_len']} tokens, Poisson arrivals, "
         f"{s['seconds']:g} s of arrivals per point, deadline {s['slo_s']:g} s end to end. `hexgen bench serve` against "
         f"`hexgen serve` across the hosts; predicted = the simulator on the same arrival times. Run time "
@@ -418,12 +430,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=SECONDS, help="of arrivals per point")
     parser.add_argument("--plans", nargs="+", choices=PLANS, default=list(PLANS))
     parser.add_argument("--scaled-calibration", action="store_true",
-                        help="scale configs/devices/local-cpu.yaml by the quotas instead of measuring every host")
+                        help="each host's speed = its CPU quota, instead of measuring it on the host")
     parser.add_argument("--report", action="store_true", help="only write the table and plot from the saved points")
-    parser.add_argument("--calibrate-here", metavar="FILE", help=argparse.SUPPRESS)  # run inside each host
+    parser.add_argument("--time-stage-here", metavar="FILE", help=argparse.SUPPRESS)  # run inside each host
     args = parser.parse_args()
-    if args.calibrate_here:
-        calibrate_here(Path(args.calibrate_here))
+    if args.time_stage_here:
+        time_stage_here(Path(args.time_stage_here))
         return
     out = Path(args.out)
     if not args.report:
