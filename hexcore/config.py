@@ -117,13 +117,18 @@ class ServerSpec(_Spec):
 
 
 class ClusterSpec(_Spec):
-    """How the hosts of a multi-host deployment join (ignored when every device is on the head)."""
+    """How the hosts of a multi-host deployment join (ignored when every device is on the head), and what
+    the head's own host gives its workers."""
 
     node_name: str = "head"  # devices on this node (or with no node) run on the head
     host: str = "127.0.0.1"  # where the cluster port listens: an address the other hosts reach
     port: int = Field(default=8478, ge=1, le=65535)
     token_file: str | None = None  # else $HEXGEN_CLUSTER_TOKEN
     join_timeout_seconds: float = Field(default=120.0, gt=0)
+    # what the head's own host gives its workers (a node's agent says it with `hexgen node --num-cpus
+    # --memory-gb`); default: all its cores and RAM
+    num_cpus: int | None = Field(default=None, ge=1)
+    memory_gb: float | None = Field(default=None, gt=0)
 
 
 class EngineSpec(_Spec):
@@ -131,11 +136,11 @@ class EngineSpec(_Spec):
 
     block_size: int = Field(default=16, ge=1)
     num_kv_blocks: int | None = Field(default=None, ge=1)  # per replica; default from the memory budget
-    kv_cache_memory_fraction: float = Field(default=0.2, gt=0, le=0.9)  # of RAM on CPU / free memory on GPU
+    kv_cache_memory_fraction: float = Field(default=0.2, gt=0, le=0.9)  # of the host's memory budget on CPU / free memory on GPU
     max_num_seqs: int = Field(default=64, ge=1)  # running sequences per replica
     max_num_batched_tokens: int = Field(default=512, ge=1)  # token budget of one step
     num_micro_batches: int | None = Field(default=None, ge=1)  # default: the replica's number of stages
-    num_threads_per_worker: int | None = Field(default=None, ge=1)  # default: local cores / local workers
+    num_threads_per_worker: int | None = Field(default=None, ge=1)  # default: its host's cores / its workers there
     enable_prefix_caching: bool = True
     # a step still in flight this long (plus 4x its expected time) means a stalled worker: its replica
     # is failed over and restarted, as if a worker had died

@@ -5,6 +5,7 @@ give to the KV cache. Which kernels a device runs is chosen in hexcore/kernels/s
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -45,16 +46,43 @@ def gloo_interface(store_host: str) -> str:
     return os.environ.get("GLOO_SOCKET_IFNAME") or interface_toward(store_host)
 
 
-def default_num_threads(num_local_workers: int) -> int:
-    """The local cores divided among the local workers, at least one each."""
-    return max(1, (os.cpu_count() or 1) // max(1, num_local_workers))
+@dataclass(frozen=True)
+class HostBudget:
+    """What one host gives hexgen's workers, shared by the workers it runs: all its cores and RAM unless
+    told less (`hexgen node --num-cpus --memory-gb`, or the deployment's `cluster:` for the head), the way
+    `ray start --num-cpus --memory` declares a node's resources."""
+
+    num_cpus: int
+    memory_bytes: int
+
+    @classmethod
+    def of_this_host(cls, num_cpus: int | None = None, memory_gb: float | None = None) -> "HostBudget":
+        if num_cpus is not None and num_cpus < 1:
+            raise ValueError(f"num_cpus must be at least 1, got {num_cpus}")
+        if memory_gb is not None and memory_gb <= 0:
+            raise ValueError(f"memory_gb must be positive, got {memory_gb}")
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return cls(num_cpus or os.cpu_count() or 1, int(memory_gb * 1e9) if memory_gb is not None else ram)
+
+    def num_threads(self, num_local_workers: int) -> int:
+        """Its cores divided among the workers it runs, at least one each."""
+        return max(1, self.num_cpus // max(1, num_local_workers))
+
+    def memory_share(self, num_local_workers: int) -> int:
+        return self.memory_bytes // max(1, num_local_workers)
 
 
-def kv_cache_budget_bytes(device: Device, fraction: float, num_local_cpu_workers: int) -> int:
-    """Bytes one worker may spend on its KV cache: a fraction of RAM shared by the CPU workers,
-    or a fraction of the GPU's free memory."""
+def kv_cache_budget_bytes(device: Device, fraction: float, budget: HostBudget, num_local_workers: int,
+                          weights_bytes: int) -> int:
+    """Bytes a worker that has loaded its weights may give its KV cache: on a GPU a fraction of the free
+    memory it now measures; on a CPU a fraction of its share of the host's memory budget, but never more
+    than that share leaves beside its weights."""
     if device.is_cuda:
         free, _total = torch.cuda.mem_get_info(device.index)
         return int(free * fraction)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(ram * fraction / max(1, num_local_cpu_workers))
+    share = budget.memory_share(num_local_workers)
+    if weights_bytes >= share:
+        raise ValueError(f"{device}'s share of this host's memory budget is {share / 1e9:.3f} GB "
+                         f"({budget.memory_bytes / 1e9:.3f} GB over {num_local_workers} worker(s)), but its "
+                         f"weights alone take {weights_bytes / 1e9:.3f} GB")
+    return min(int(share * fraction), share - weights_bytes)

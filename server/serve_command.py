@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     across.add_argument("--cluster-port", type=int, help="the cluster port (default 8478)")
     across.add_argument("--token-file", help="file holding the cluster token (else $HEXGEN_CLUSTER_TOKEN)")
     across.add_argument("--join-timeout", type=float, help="seconds to wait for the nodes (default 120)")
+    across.add_argument("--num-cpus", type=int, help="cores this host gives its workers (default: all)")
+    across.add_argument("--memory-gb", type=float,
+                        help="memory this host gives its workers, weights and KV cache (default: all its RAM)")
     parser.set_defaults(func=run)
 
 
@@ -63,7 +66,8 @@ def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
         if value is not None:
             raw["server"][field] = value
     for field, value in (("node_name", args.node_name), ("host", args.cluster_host), ("port", args.cluster_port),
-                         ("token_file", args.token_file), ("join_timeout_seconds", args.join_timeout)):
+                         ("token_file", args.token_file), ("join_timeout_seconds", args.join_timeout),
+                         ("num_cpus", args.num_cpus), ("memory_gb", args.memory_gb)):
         if value is not None:
             raw["cluster"][field] = value
     return parse_config(raw, source=args.config or "command line")

@@ -7,6 +7,7 @@ the next deployment. A wrong token or a refusal (versions, devices) ends it with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from multiprocessing import AuthenticationError
 from hexcore.cluster.channel import connect, receive, send
 from hexcore.cluster.head import HEARTBEAT_SECONDS, NODE_TIMEOUT_SECONDS
 from hexcore.cluster.host import this_host
+from hexcore.hardware import HostBudget
 from hexcore.cluster.messages import (Heartbeat, NodeHello, Refused, StartWorker, StopWorkers, Welcome, WorkerExited,
                                       WorkerHello)
 
@@ -27,7 +29,7 @@ class Refusal(Exception):
     """The head will not take this node: retrying cannot help."""
 
 
-def run_agent(head_host: str, head_port: int, name: str, token: bytes) -> int:
+def run_agent(head_host: str, head_port: int, name: str, token: bytes, budget: HostBudget) -> int:
     backoff = 1.0
     while True:
         try:
@@ -43,7 +45,7 @@ def run_agent(head_host: str, head_port: int, name: str, token: bytes) -> int:
             continue
         backoff = 1.0
         try:
-            _serve_head(conn, name, token)
+            _serve_head(conn, name, token, budget)
         except Refusal as refusal:
             log.error("the head refused node %r: %s", name, refusal)
             return 2
@@ -51,14 +53,14 @@ def run_agent(head_host: str, head_port: int, name: str, token: bytes) -> int:
             log.warning("lost the head (%s); its workers are stopped; reconnecting", err or type(err).__name__)
 
 
-def _serve_head(conn, name: str, token: bytes) -> None:
-    send(conn, NodeHello(name, this_host()))
+def _serve_head(conn, name: str, token: bytes, budget: HostBudget) -> None:
+    send(conn, NodeHello(name, this_host(budget)))
     answer = receive(conn)
     if isinstance(answer, Refused):
         raise Refusal(answer.reason)
     assert isinstance(answer, Welcome), answer
     log.info("joined the head (node %r, head %r)", name, answer.head)
-    workers, send_lock, is_done = _Workers(token), threading.Lock(), threading.Event()
+    workers, send_lock, is_done = _Workers(token, budget), threading.Lock(), threading.Event()
 
     def to_head(message) -> None:
         with send_lock:
@@ -95,14 +97,14 @@ def _serve_head(conn, name: str, token: bytes) -> None:
 class _Workers:
     """The worker processes this agent started, by (store prefix, rank)."""
 
-    def __init__(self, token: bytes):
-        self.token = token
+    def __init__(self, token: bytes, budget: HostBudget):
+        self.token, self.budget = token, budget
         self.processes: dict[tuple[str, int], tuple[str, object]] = {}  # -> (replica, process)
 
     def start(self, order: StartWorker) -> None:
         from hexcore.executor.replica_workers import worker_context
 
-        spec = order.spec
+        spec = dataclasses.replace(order.spec, host_budget=self.budget)  # this host's terms
         process = worker_context().Process(target=remote_worker_main, args=(spec, order.head_address, self.token),
                                            daemon=True, name=f"hexgen-{spec.replica}-rank{spec.rank}")
         process.start()

@@ -4,7 +4,6 @@ versions it runs; and which of its interfaces reaches a given address (for gloo'
 from __future__ import annotations
 
 import fcntl
-import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 from hexcore.config import Device
+from hexcore.hardware import HostBudget
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,8 @@ class HostInfo:
     hostname: str
     addresses: tuple[str, ...]
     devices: tuple[str, ...]  # "cpu", "cuda:0", ...
-    memory_bytes: int
-    num_cores: int
+    memory_bytes: int  # its budget for hexgen's workers (HostBudget): all its RAM unless told less
+    num_cores: int  # likewise its cores
     hexgen_version: str
     torch_version: str
 
@@ -36,11 +36,15 @@ def hexgen_version() -> str:
         return "unknown"
 
 
-def this_host() -> HostInfo:
+    @property
+    def budget(self) -> HostBudget:
+        return HostBudget(self.num_cores, self.memory_bytes)
+
+
+def this_host(budget: HostBudget) -> HostInfo:
     devices = ("cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count())))
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     addresses = tuple(sorted({address for _, address in _interface_addresses()}))
-    return HostInfo(socket.gethostname(), addresses, devices, memory, os.cpu_count() or 1,
+    return HostInfo(socket.gethostname(), addresses, devices, budget.memory_bytes, budget.num_cpus,
                     hexgen_version(), torch.__version__)
 
 

@@ -73,6 +73,7 @@ class Replica:
         self.num_micro_batches = plan.num_micro_batches
         self.rendezvous, self.cluster = rendezvous, cluster
         self.workers = ReplicaWorkers(plan.workers, rendezvous, cluster)
+        self.num_kv_blocks = plan.num_kv_blocks or 0  # its workers' at each start
         self._new_queues()
         self._next_step_id = 0
         self.metrics = ReplicaMetrics()
@@ -84,19 +85,26 @@ class Replica:
 
     def _new_queues(self) -> None:
         engine = self.engine
-        self.block_manager = BlockManager(self.plan.num_kv_blocks, engine.block_size, engine.enable_prefix_caching)
+        self.block_manager = BlockManager(self.num_kv_blocks, engine.block_size, engine.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, engine.max_num_seqs, engine.max_num_batched_tokens)
         self.in_flight: dict[int, InFlightStep] = {}  # by step id, in the order submitted
 
     def start(self) -> None:
-        self.workers = self.started_workers()
+        self.rejoin(self.started_workers())
         self.metrics = ReplicaMetrics()
-        self.is_up, self.down_reason = True, None
+
+    def rejoin(self, workers: ReplicaWorkers) -> None:
+        """Up, on these started workers (a restart may size the KV cache anew: the queues are empty then)."""
+        assert not self.has_work, "a replica rejoins with nothing in flight or queued"
+        self.workers, self.is_up, self.down_reason = workers, True, None
+        if workers.num_kv_blocks != self.num_kv_blocks:
+            self.num_kv_blocks = workers.num_kv_blocks
+            self._new_queues()
 
     def started_workers(self) -> ReplicaWorkers:
         """New worker processes for this replica, started and warm (the caller's thread waits)."""
         workers = ReplicaWorkers(self.plan.workers, self.rendezvous, self.cluster)
-        workers.start()
+        workers.start(self.plan.num_kv_blocks, self.plan.max_num_kv_blocks)
         try:
             self._warm_up(workers)
         except BaseException:

@@ -110,7 +110,7 @@ class Supervisor:
                 continue
             del self._restarts[replica.name]
             if restart.workers is not None:
-                replica.workers, replica.is_up, replica.down_reason = restart.workers, True, None
+                replica.rejoin(restart.workers)
                 replica.num_restarts += 1
                 self._num_attempts[replica.name] = 0
                 log.info("replica %s is up again (restart %d)", replica.name, replica.num_restarts)

@@ -1,14 +1,15 @@
 """From a deployment file to the worker specs of each replica: resolve the model, check the layout
-against it, size the KV cache and the threads, assign world ranks."""
+against it, assign world ranks. Each worker sizes its threads and KV cache on its own host when it
+starts (hexcore/worker/main.py)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from hexcore.config import DeploymentConfig, Device, ReplicaSpec, check_against_model
-from hexcore.hardware import default_num_threads, distributed_backend, kv_cache_budget_bytes
-from hexcore.model.kv_cache import bytes_per_block
+from hexcore.config import DeploymentConfig, Device, EngineSpec, ReplicaSpec, check_against_model
+from hexcore.hardware import HostBudget, distributed_backend
 from hexcore.executor.specs import PipelineStage, WorkerSpec
 from hexcore.model.llama import LlamaDims, read_model_config
 from hexcore.model.files import default_model_name, resolve_model_dir
@@ -19,7 +20,8 @@ class ResolvedReplica:
     name: str
     spec: ReplicaSpec
     workers: list[WorkerSpec]
-    num_kv_blocks: int
+    num_kv_blocks: int | None  # as configured; None: what its workers' memory fits, found at each start
+    max_num_kv_blocks: int  # more would never be used
     num_micro_batches: int
 
 
@@ -37,8 +39,8 @@ class ResolvedDeployment:
                  f"dtype {self.config.dtype}, max_model_len {self.max_model_len}"]
         for plan in self.replicas:
             stages = " -> ".join(f"[TP{s.tp}: {s.layers} layers on {', '.join(s.devices)}]" for s in plan.spec.stages)
-            lines.append(f"replica {plan.name}: {stages}; {plan.num_kv_blocks} KV blocks "
-                         f"of {self.config.engine.block_size} tokens")
+            blocks = plan.num_kv_blocks or "memory-sized"
+            lines.append(f"replica {plan.name}: {stages}; {blocks} KV blocks of {self.config.engine.block_size} tokens")
         return "\n".join(lines)
 
 
@@ -51,19 +53,9 @@ def _pipeline(spec: ReplicaSpec) -> tuple[PipelineStage, ...]:
     return tuple(stages)
 
 
-def _num_kv_blocks(config: DeploymentConfig, spec: ReplicaSpec, dims: LlamaDims, max_model_len: int,
-                   num_local_cpu_workers: int) -> int:
-    engine = config.engine
-    if engine.num_kv_blocks is not None:
-        return engine.num_kv_blocks
-    fits = []
-    for stage in spec.stages:
-        per_block = bytes_per_block(stage.layers, dims.num_kv_heads // stage.tp, dims.head_dim,
-                                    engine.block_size, config.dtype)
-        for device in stage.parsed_devices:
-            fits.append(kv_cache_budget_bytes(device, engine.kv_cache_memory_fraction, num_local_cpu_workers) // per_block)
-    most_useful = engine.max_num_seqs * -(-max_model_len // engine.block_size)
-    return max(1, min(min(fits), most_useful))
+def most_useful_kv_blocks(engine: EngineSpec, max_model_len: int) -> int:
+    """Blocks beyond these would never be used: every running sequence at max_model_len."""
+    return engine.max_num_seqs * -(-max_model_len // engine.block_size)
 
 
 def resolve(config: DeploymentConfig) -> ResolvedDeployment:
@@ -74,21 +66,26 @@ def resolve(config: DeploymentConfig) -> ResolvedDeployment:
     if max_model_len > dims.max_position_embeddings:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
                          f"{dims.max_position_embeddings}")
-    all_devices = [d for r in config.replicas for s in r.stages for d in s.parsed_devices]
-    num_cpu_workers = sum(1 for d in all_devices if not d.is_cuda)
-    num_threads = config.engine.num_threads_per_worker or default_num_threads(len(all_devices))
+    engine = config.engine
+    num_local_workers = Counter(config.node_of(d) for r in config.replicas for s in r.stages for d in s.parsed_devices)
+    head_budget = HostBudget.of_this_host(config.cluster.num_cpus, config.cluster.memory_gb)
     replicas = []
     for name, spec in zip(config.replica_names, config.replicas):
         stages = _pipeline(spec)
-        num_blocks = _num_kv_blocks(config, spec, dims, max_model_len, num_cpu_workers)
         devices = [d for stage in spec.stages for d in stage.devices]
         backend = distributed_backend([Device.parse(d) for d in devices])
-        workers = [WorkerSpec(replica=name, rank=rank, device=device, stages=stages, model_dir=model_dir,
-                              dtype=config.dtype, max_model_len=max_model_len, num_kv_blocks=num_blocks,
-                              block_size=config.engine.block_size, num_threads=num_threads, backend=backend,
-                              node=config.node_of(Device.parse(device)))
-                   for rank, device in enumerate(devices)]
-        micro_batches = config.engine.num_micro_batches or len(spec.stages)
-        replicas.append(ResolvedReplica(name, spec, workers, num_blocks, micro_batches))
+        workers = []
+        for rank, device in enumerate(devices):
+            node = config.node_of(Device.parse(device))
+            workers.append(WorkerSpec(
+                replica=name, rank=rank, device=device, stages=stages,
+                model=config.model if node is not None else str(model_dir), dtype=config.dtype,
+                max_model_len=max_model_len, block_size=engine.block_size,
+                kv_cache_memory_fraction=engine.kv_cache_memory_fraction, num_local_workers=num_local_workers[node],
+                num_threads=engine.num_threads_per_worker, backend=backend, node=node,
+                host_budget=head_budget if node is None else None))  # a node's agent sets its own
+        micro_batches = engine.num_micro_batches or len(spec.stages)
+        replicas.append(ResolvedReplica(name, spec, workers, engine.num_kv_blocks,
+                                        most_useful_kv_blocks(engine, max_model_len), micro_batches))
     model_name = config.served_model_name or default_model_name(config.model)
     return ResolvedDeployment(config, model_dir, model_name, dims, max_model_len, replicas)

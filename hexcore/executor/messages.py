@@ -103,6 +103,23 @@ class WorkerStats:
 
 
 @dataclass(frozen=True)
+class WorkerLoaded:
+    """Start-up, phase one: the worker holds its weights; this many KV blocks fit in what its host's
+    budget leaves it."""
+
+    rank: int
+    num_kv_blocks: int
+    hostname: str
+
+
+@dataclass(frozen=True)
+class AllocateKVCache:
+    """Start-up, phase two: the replica's block count, the same on every rank (one block table)."""
+
+    num_blocks: int
+
+
+@dataclass(frozen=True)
 class WorkerReady:
     rank: int
 

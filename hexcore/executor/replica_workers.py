@@ -9,6 +9,7 @@ killed."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing as mp
 import os
 import pickle
@@ -16,13 +17,16 @@ import signal
 import time
 from multiprocessing.connection import Connection, wait
 
-from hexcore.executor.messages import Shutdown, StatsRequest, StepBatch, StepResult, WorkerFailed, WorkerReady, WorkerStats
+from hexcore.executor.messages import (AllocateKVCache, Shutdown, StatsRequest, StepBatch, StepResult, WorkerFailed,
+                                       WorkerLoaded, WorkerReady, WorkerStats)
 from hexcore.cluster.channel import receive
 from hexcore.cluster.head import ClusterHead, RemoteWorkerProcess
 from hexcore.executor.rendezvous import Rendezvous
 from hexcore.executor.specs import WorkerSpec
 from hexcore.hardware import WORKER_ENVIRONMENT
 from hexcore.worker.main import worker_main
+
+log = logging.getLogger("hexgen.engine")
 
 
 class WorkerFailure(RuntimeError):
@@ -64,8 +68,12 @@ class ReplicaWorkers:
         self.processes: list[mp.Process] = []
         self.conns: list[Connection] = []
         self.stats: dict[int, WorkerStats] = {}
+        self.num_kv_blocks = 0  # the replica's, once started
 
-    def start(self, timeout: float = 600.0) -> None:
+    def start(self, num_kv_blocks: int | None, max_num_kv_blocks: int, timeout: float = 600.0) -> None:
+        """Start every worker; once all hold their weights, give each the replica's KV block count:
+        `num_kv_blocks` if configured, else the fewest any worker's host has room for, at most
+        `max_num_kv_blocks`."""
         context = worker_context()
         prefix = self.rendezvous.new_prefix(self.specs[0].replica)
         self.specs = [dataclasses.replace(spec, store_address=self.rendezvous.address, store_prefix=prefix)
@@ -88,7 +96,18 @@ class ReplicaWorkers:
             for rank, spec in enumerate(self.specs):
                 if self.conns[rank] is None:
                     self.conns[rank] = self._remote_connection(spec, deadline)
-            self._wait_ready(deadline)
+            loaded = self._wait_for(WorkerLoaded, deadline)
+            fits = min(message.num_kv_blocks for message in loaded)
+            if fits < 1:
+                worst = min(loaded, key=lambda message: message.num_kv_blocks)
+                raise WorkerStartupError(f"{self.specs[worst.rank].label} on host {worst.hostname!r} has no room "
+                                         f"for a single KV block beside its weights")
+            self.num_kv_blocks = num_kv_blocks or min(fits, max_num_kv_blocks)
+            log.info("replica %s: %d KV blocks (room for %s)", self.specs[0].replica, self.num_kv_blocks,
+                     ", ".join(f"{m.num_kv_blocks} on rank {m.rank} ({m.hostname})" for m in loaded))
+            for conn in self.conns:
+                conn.send(AllocateKVCache(self.num_kv_blocks))
+            self._wait_for(WorkerReady, deadline)
         except BaseException:
             self.kill()
             raise
@@ -100,14 +119,15 @@ class ReplicaWorkers:
             raise WorkerStartupError(f"{spec.label} on node {spec.node!r} failed during startup: {cause}")
         return conn
 
-    def _wait_ready(self, deadline: float) -> None:
-        pending = {conn: spec for conn, spec in zip(self.conns, self.specs)}
+    def _wait_for(self, kind: type, deadline: float) -> list:
+        """One message of type `kind` from every worker, by rank."""
+        pending, received = {conn: spec for conn, spec in zip(self.conns, self.specs)}, {}
         while pending:
             ready = wait(list(pending), timeout=1.0)
             for conn in ready:
                 spec = pending.pop(conn)
                 try:
-                    message = conn.recv()
+                    message = receive(conn)
                 except EOFError:
                     process = self.processes[spec.rank]
                     process.join(timeout=5)
@@ -116,10 +136,12 @@ class ReplicaWorkers:
                         f"why; a script that starts workers needs an `if __name__ == '__main__':` guard)") from None
                 if isinstance(message, WorkerFailed):
                     raise WorkerStartupError(f"{message.label} failed during startup: {message.error}")
-                assert isinstance(message, WorkerReady), message
+                assert isinstance(message, kind), message
+                received[spec.rank] = message
             if time.monotonic() > deadline:
                 labels = ", ".join(spec.label for spec in pending.values())
                 raise WorkerStartupError(f"timed out waiting for {labels} to start")
+        return [received[rank] for rank in sorted(received)]
 
     def submit(self, batch: StepBatch) -> None:
         payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)  # once, for every worker

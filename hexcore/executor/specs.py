@@ -1,10 +1,12 @@
 """What a worker process is started with: its place in its replica's pipeline and world, and what it
-loads. Frozen, model-agnostic: the worker reads the model's own config from `model_dir`."""
+loads. Frozen, model-agnostic: the worker resolves `model` on its own host and reads the model's
+config there. Its KV cache is sized after it has loaded its weights (two-phase start, messages.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+
+from hexcore.hardware import HostBudget
 
 
 @dataclass(frozen=True)
@@ -28,14 +30,16 @@ class WorkerSpec:
     rank: int  # in the replica's torch.distributed world
     device: str  # as written in the deployment file
     stages: tuple[PipelineStage, ...]
-    model_dir: Path
+    model: str  # resolved on the worker's own host (hexcore/model/files.py): a path must exist there
     dtype: str
     max_model_len: int
-    num_kv_blocks: int
     block_size: int
-    num_threads: int
+    kv_cache_memory_fraction: float
+    num_local_workers: int  # workers of the deployment on its host, sharing the host's budget
+    num_threads: int | None  # None: its share of the host's cores
     backend: str  # gloo | nccl, chosen for the whole replica by hexcore.hardware
     node: str | None = None  # the host it runs on (None: the head's)
+    host_budget: HostBudget | None = None  # set by whoever starts the process on that host
     store_address: str = ""  # host:port of the driver's c10d store (executor/rendezvous.py): set at each start
     store_prefix: str = ""  # this start's keys in it
 

@@ -1,12 +1,14 @@
 """The entry point of a worker process: one per device. It joins its replica's torch.distributed
-world, creates every stage's TP group (identically on all ranks), loads only its own shard, allocates
-its KV cache, reports ready, then runs the StepBatches the driver sends until told to stop."""
+world, creates every stage's TP group (identically on all ranks), loads only its own shard, reports
+how many KV blocks its host's budget leaves room for, allocates the count the driver chooses for the
+replica, reports ready, then runs the StepBatches the driver sends until told to stop."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
+import socket
 import traceback
 from datetime import timedelta
 
@@ -14,10 +16,12 @@ import torch
 import torch.distributed as dist
 
 from hexcore.config import Device
-from hexcore.hardware import check_available, gloo_interface, torch_device
+from hexcore.hardware import check_available, gloo_interface, kv_cache_budget_bytes, torch_device
 from hexcore.executor.rendezvous import join_store
-from hexcore.executor.messages import Shutdown, StatsRequest, StepBatch, WorkerFailed, WorkerReady
+from hexcore.executor.messages import (AllocateKVCache, Shutdown, StatsRequest, StepBatch, WorkerFailed, WorkerLoaded,
+                                       WorkerReady)
 from hexcore.executor.specs import WorkerSpec
+from hexcore.model.files import resolve_model_dir
 from hexcore.model.parallel import TPGroup
 from hexcore.worker.stage_runner import StageRunner, load_stage_runner
 
@@ -51,12 +55,20 @@ def _keep_freed_memory() -> None:
         pass
 
 
-def _build_runner(spec: WorkerSpec) -> StageRunner:
+def _load_runner(spec: WorkerSpec) -> StageRunner:
+    """Start-up, phase one: join the replica's world and load this rank's weights, on this host's terms
+    (its model files, its cores); the KV cache comes once the replica's block count is known."""
     device = Device.parse(spec.device)
     check_available(device)
-    torch.set_num_threads(spec.num_threads)
+    budget = spec.host_budget
+    assert budget is not None, "whoever starts a worker sets its host's budget"
+    torch.set_num_threads(spec.num_threads or budget.num_threads(spec.num_local_workers))
     if device.is_cuda:
         torch.cuda.set_device(device.index)
+    try:
+        model_dir = resolve_model_dir(spec.model)
+    except ValueError as err:
+        raise ValueError(f"on host {socket.gethostname()!r}: {err}") from None
     store_host = spec.store_address.rsplit(":", 1)[0].strip("[]")
     if spec.backend == "gloo":
         os.environ["GLOO_SOCKET_IFNAME"] = gloo_interface(store_host)
@@ -68,11 +80,17 @@ def _build_runner(spec: WorkerSpec) -> StageRunner:
         group = dist.new_group(list(stage.ranks)) if stage.tp > 1 else None
         if spec.rank in stage.ranks:
             tp = TPGroup(stage.ranks.index(spec.rank), stage.tp, group, stage.ranks)
-    runner = load_stage_runner(spec.model_dir, spec.dtype, torch_device(device), spec.stages, spec.stage_index, tp,
-                               spec.rank, spec.num_kv_blocks, spec.block_size, spec.max_model_len)
+    runner = load_stage_runner(model_dir, spec.dtype, torch_device(device), spec.stages, spec.stage_index, tp,
+                               spec.rank, None, spec.block_size, spec.max_model_len)
     if runner.is_last and tp.is_leader:
         runner.start_grammars()  # the rank that samples: its tokenizer loads in the background
     return runner
+
+
+def _num_kv_blocks_fitting(spec: WorkerSpec, runner: StageRunner) -> int:
+    budget = kv_cache_budget_bytes(Device.parse(spec.device), spec.kv_cache_memory_fraction, spec.host_budget,
+                                   spec.num_local_workers, runner.weights_bytes)
+    return budget // runner.kv_block_bytes
 
 
 def _send_result(conn, result) -> None:
@@ -88,7 +106,11 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         signal.signal(signum, signal.SIG_IGN)
     step_id = None
     try:
-        runner = _build_runner(spec)
+        runner = _load_runner(spec)
+        conn.send(WorkerLoaded(spec.rank, _num_kv_blocks_fitting(spec, runner), socket.gethostname()))
+        allocate = conn.recv()
+        assert isinstance(allocate, AllocateKVCache), allocate
+        runner.allocate_kv_cache(allocate.num_blocks)
         conn.send(WorkerReady(spec.rank))
         while True:
             message = conn.recv()

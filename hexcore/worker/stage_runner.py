@@ -15,7 +15,7 @@ from hexcore.executor.messages import StepBatch, StepResult, WorkerStats
 from hexcore.executor.specs import PipelineStage
 from hexcore.kernels.select import decode_attention_kernel
 from hexcore.model.attention import AttentionMetadata, GatherWorkspace
-from hexcore.model.kv_cache import allocate_kv_cache
+from hexcore.model.kv_cache import allocate_kv_cache, bytes_per_block
 from hexcore.model.llama import LlamaStage, load_stage, read_model_config
 from hexcore.model.parallel import SINGLE, TPGroup
 from hexcore.model.pipeline import destination_ranks, source_rank
@@ -25,7 +25,7 @@ from hexcore.worker.sampler import sample, scored_token
 
 
 class StageRunner:
-    def __init__(self, model: LlamaStage, kv_caches: torch.Tensor, tp: TPGroup, rank: int, stage_index: int,
+    def __init__(self, model: LlamaStage, kv_caches: torch.Tensor | None, tp: TPGroup, rank: int, stage_index: int,
                  stages: tuple[PipelineStage, ...], block_size: int, device: torch.device):
         self.model, self.kv_caches, self.tp = model, kv_caches, tp
         self.rank, self.stage_index, self.block_size, self.device = rank, stage_index, block_size, device
@@ -50,6 +50,23 @@ class StageRunner:
                 raise RuntimeError("this stage runner has no model directory to build grammars from")
             self._grammars = GrammarMatchers(self.model_dir, self.model.dims.vocab_size)
         return self._grammars
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+
+    @property
+    def kv_block_bytes(self) -> int:
+        dims, dtype = self.model.dims, str(self.model.cos.dtype).removeprefix("torch.")
+        return bytes_per_block(len(self.model.layers), dims.num_kv_heads // self.tp.size, dims.head_dim,
+                               self.block_size, dtype)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Start-up, phase two (after the weights are loaded and the replica's block count is known)."""
+        dims = self.model.dims
+        self.kv_caches = allocate_kv_cache(len(self.model.layers), num_blocks, self.block_size,
+                                           dims.num_kv_heads // self.tp.size, dims.head_dim, self.model.cos.dtype,
+                                           self.device)
 
     def run(self, batch: StepBatch) -> StepResult | None:
         inputs = self._receive(batch)
@@ -123,21 +140,22 @@ class StageRunner:
 
 
 def load_stage_runner(model_dir: Path, dtype: str, device: torch.device, stages: tuple[PipelineStage, ...],
-                      stage_index: int, tp: TPGroup, rank: int, num_kv_blocks: int, block_size: int,
+                      stage_index: int, tp: TPGroup, rank: int, num_kv_blocks: int | None, block_size: int,
                       max_model_len: int, num_model_layers: int | None = None) -> StageRunner:
-    """Load one rank's shard of its stage and allocate its KV cache. `num_model_layers` cuts the model
-    after that many layers (the last stage then holds the head), for measurements of smaller models."""
+    """Load one rank's shard of its stage, and allocate its KV cache unless `num_kv_blocks` is None (a
+    worker's two-phase start allocates it later). `num_model_layers` cuts the model after that many
+    layers (the last stage then holds the head), for measurements of smaller models."""
     dims, rope = read_model_config(model_dir)
     if num_model_layers is not None:
         dims = dataclasses.replace(dims, num_layers=num_model_layers)
-    stage, torch_dtype = stages[stage_index], getattr(torch, dtype)
-    checkpoint = Checkpoint(model_dir, torch_dtype, device)
+    stage = stages[stage_index]
+    checkpoint = Checkpoint(model_dir, getattr(torch, dtype), device)
     model = load_stage(checkpoint, dims, rope, stage.first_layer, stage.num_layers, tp, max_model_len)
     checkpoint.close()
-    kv_caches = allocate_kv_cache(stage.num_layers, num_kv_blocks, block_size, dims.num_kv_heads // tp.size,
-                                  dims.head_dim, torch_dtype, device)
-    runner = StageRunner(model, kv_caches, tp, rank, stage_index, stages, block_size, device)
+    runner = StageRunner(model, None, tp, rank, stage_index, stages, block_size, device)
     runner.model_dir = Path(model_dir)
+    if num_kv_blocks is not None:
+        runner.allocate_kv_cache(num_kv_blocks)
     return runner
 
 

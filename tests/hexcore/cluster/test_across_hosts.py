@@ -6,6 +6,7 @@ an agent SIGKILLed mid-run fails over only the replica that had workers there.""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -216,3 +217,63 @@ def test_smollm2_chat_streams_across_hosts_and_sigterm_leaves_no_worker(three_ho
         alive = [pid for pid in workers[host] if Path(f"/proc/{pid}").exists()]
         assert alive == [], f"workers left on {host}"
         assert agents[host].poll() is None, "the agents stay up for the next deployment"
+
+
+START = textwrap.dedent('''
+    import logging, sys
+    from hexcore.config import load_config
+    from hexcore.engine.llm import LLM
+    from hexcore.sampling_params import SamplingParams
+
+    if __name__ == "__main__":
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+        try:
+            with LLM(load_config(sys.argv[1])) as llm:
+                out = llm.generate(["Hello world"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+                print("BLOCKS", llm.core.replicas[0].block_manager.num_blocks, len(out[0].token_ids), flush=True)
+        except Exception as err:
+            print("ERROR", err, flush=True)
+''')
+
+
+def test_each_host_sizes_its_workers_and_resolves_the_model_itself(three_hosts, tiny_model_dir, tmp_path):
+    """Two-phase start: every worker reports what its host's budget (`hexgen node --memory-gb`) leaves
+    beside its weights and the replica takes the fewest; a host without the model, or whose budget cannot
+    hold the weights, fails the start with a message naming the device, its node and its host."""
+    cluster = three_hosts
+
+    def agent(name: str, *budget: str) -> subprocess.Popen:
+        return cluster.popen(name, [sys.executable, "-m", "server.entrypoint", "node", "--head",
+                                    f"{cluster.address('head')}:{PORT}", "--name", name, *budget],
+                             env=environment(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(model: str, cwd: Path) -> str:
+        path = write_deployment(tmp_path, tiny_model_dir, cluster, [[(["a/cpu"], 4), (["b/cpu"], 4)]],
+                                engine={"num_kv_blocks": None, "max_num_seqs": 256})
+        raw = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**raw, "model": model}))
+        run = cluster.run("head", [sys.executable, str(tmp_path / "start.py"), str(path)], env=environment(),
+                          cwd=cwd, timeout=300)
+        return run.stdout + run.stderr
+
+    (tmp_path / "start.py").write_text(START)
+    agents = {"a": agent("a", "--memory-gb", "0.02", "--num-cpus", "1"), "b": agent("b")}
+    try:
+        output = start(str(tiny_model_dir), REPO)
+        room = re.search(r"replica r0: (\d+) KV blocks \(room for (\d+) on rank 0 .*, (\d+) on rank 1", output)
+        assert room, output
+        num_blocks, room_a, room_b = map(int, room.groups())
+        assert num_blocks == room_a < room_b  # a's 20 MB budget decides (b gives all of its RAM)
+        assert f"BLOCKS {num_blocks} 4" in output
+        (tmp_path / "only-on-head").symlink_to(tiny_model_dir)  # a relative path the head's directory has
+        output = start("only-on-head", tmp_path)
+        assert "(device a/cpu) failed during startup: ValueError: on host" in output, output
+        assert "model directory 'only-on-head' not found" in output, output
+        agents["a"].kill()
+        agents["a"].wait()
+        agents["a"] = agent("a", "--memory-gb", "0.0001")
+        output = start(str(tiny_model_dir), REPO)
+        assert "(device a/cpu) failed during startup" in output and "weights alone take" in output, output
+    finally:
+        for process in agents.values():
+            process.kill()
