@@ -72,8 +72,8 @@ MODEL = "smollm2-135m"
 PROMPT_LEN, OUTPUT_LEN = 32, 32
 SLO_SECONDS = 20.0
 PLAN_RATE = 1.3
-RATES = (0.4, 0.7, 1.0, 1.3, 1.6, 1.9)
-SECONDS = 60.0  # of arrivals per point
+RATES = (0.8, 1.2, 1.6, 2.0, 2.4, 2.8, 3.2)
+SECONDS = 50.0  # of arrivals per point
 STOP_BELOW = 0.5
 SEED = 0
 ENGINE = {"num_threads_per_worker": 1, "stall_timeout_seconds": 60.0}
@@ -86,7 +86,7 @@ REFERENCE_DEVICE = REPO / "configs" / "devices" / "local-cpu.yaml"
 SPEED_SHAPES = (StepShape(1, 1, 48), StepShape(4, 1, 48), StepShape(8, 1, 48), StepShape(1, 32, 32),
                 StepShape(4, 32, 32))
 SPEED_LAYERS = (16, 6)
-SPEED_REPS = 5
+SPEED_REPS = 4
 LABELS = {"planner": "`hexgen plan`", "symmetric": "best symmetric (`hexgen plan --symmetric`)",
           "naive": "naive (layers evenly over a, b, c)"}
 
@@ -107,14 +107,14 @@ def environment() -> dict:
 
 # ------------------------------------------------------------------------------------------- calibration
 
-def measure_speeds(cluster: EmulatedCluster, out: Path) -> dict[str, float]:
+def measure_speeds(cluster: EmulatedCluster, out: Path, stem: str) -> dict[str, float]:
     """Every device's speed measured where it runs: the engine's own stage timed on its host, inside the
     host's quota (`--time-stage-here`), all hosts at once (their quotas keep them apart); per host, the
     median of reference time / measured time over SPEED_SHAPES."""
     reference = load_device_file(REFERENCE_DEVICE).device()
 
     def one(host: str) -> float:
-        path = out / f"stage-timings-{host}.json"
+        path = out / f"{stem}-stage-timings-{host}.json"
         argv = [sys.executable, "-m", "planning.experiments.emulated_cluster", "--time-stage-here", str(path)]
         run = cluster.run(host, argv, env=environment(), cwd=REPO, timeout=900)
         if run.returncode != 0:
@@ -180,20 +180,23 @@ def make_plans(cluster_path: Path, out: Path, names: tuple[str, ...]) -> dict[st
     and the naive plan; each with the engine settings and the head's cluster section."""
     workload_path = out / "workload.yaml"
     workload_path.write_text(yaml.safe_dump(workload(PLAN_RATE).model_dump(exclude_none=True)))
-    paths = {}
-    for name in names:
-        planned = out / f"plan-{name}.yaml"
+    def plan(name: str) -> dict:
         if name == "naive":
-            raw = {"model": "default", "dtype": "float32", "replicas": [{"name": "r0", "stages": [
+            return {"model": "default", "dtype": "float32", "replicas": [{"name": "r0", "stages": [
                 {"devices": [f"{host}/cpu"], "layers": 10} for host in DEVICE_CORES]}]}
-        else:
-            flags = ["--symmetric"] if name == "symmetric" else []
-            run = subprocess.run(hexgen_argv("plan", "--cluster", str(cluster_path), "--model", MODEL, "--workload",
-                                             str(workload_path), "-o", str(planned), "--no-progress", *flags),
-                                 capture_output=True, text=True, cwd=REPO, timeout=600)
-            if run.returncode != 0:
-                raise RuntimeError(f"`hexgen plan` ({name}) failed:\n{run.stdout}\n{run.stderr}")
-            raw = yaml.safe_load(planned.read_text())
+        planned = out / f"plan-{name}.yaml"
+        flags = ["--symmetric"] if name == "symmetric" else []
+        run = subprocess.run(hexgen_argv("plan", "--cluster", str(cluster_path), "--model", MODEL, "--workload",
+                                         str(workload_path), "-o", str(planned), "--no-progress", *flags),
+                             capture_output=True, text=True, cwd=REPO, timeout=600)
+        if run.returncode != 0:
+            raise RuntimeError(f"`hexgen plan` ({name}) failed:\n{run.stdout}\n{run.stderr}")
+        return yaml.safe_load(planned.read_text())
+
+    with ThreadPoolExecutor(len(names)) as pool:  # the searches at once: the hosts are idle meanwhile
+        raws = dict(zip(names, pool.map(plan, names)))
+    paths = {}
+    for name, raw in raws.items():
         raw["engine"] = {**raw.get("engine", {}), **ENGINE}
         raw["cluster"] = {"node_name": HEAD, "port": CLUSTER_PORT, "join_timeout_seconds": 300}
         paths[name] = out / f"deploy-{name}.yaml"
@@ -260,13 +263,7 @@ def run(setup: Setup, out: Path, log=print) -> dict:
                          cpu_period_us=CPU_PERIOD_US) as cluster:
         cluster.set_cpu_quota(HEAD, None)  # a group of its own, weighted like the others, no limit
         phase = time.perf_counter()
-        speeds = measure_speeds(cluster, out) if setup.is_measured_calibration else dict(DEVICE_CORES)
-        how = "speed measured on its host" if setup.is_measured_calibration else "scaled by its CPU quota"
-        reference = load_device_file(REFERENCE_DEVICE)
-        devices = {host: scaled_device(reference, host, speeds[host], how) for host in DEVICE_CORES}
-        results["speeds"] = {host: round(v, 4) for host, v in speeds.items()}
-        cluster_path = out / "cluster.yaml"
-        cluster_path.write_text(yaml.safe_dump(cluster_file(devices), sort_keys=False))
+        cluster_path, results["speeds"] = calibrate(cluster, setup, out, "cluster")
         results["calibration_s"] = round(time.perf_counter() - phase, 1)
         log(f"calibrated in {results['calibration_s']:.0f} s: {cluster_path}")
         phase = time.perf_counter()
@@ -274,11 +271,14 @@ def run(setup: Setup, out: Path, log=print) -> dict:
         results["planning_s"] = round(time.perf_counter() - phase, 1)
         agents = [start_agent(cluster, host, HEAD, CLUSTER_PORT, environment(), runs, "--num-cpus", "1",
                               "--memory-gb", str(DEVICE_MEMORY_GB[host])) for host in DEVICE_CORES]
-        for name, path in plans.items():
+        for i, (name, path) in enumerate(plans.items()):
             config = load_config(path)
             entry = {"label": LABELS[name], "shape": describe_shapes(plan_from_config(config, load_cluster(cluster_path))),
                      "layout": [[f"{s.devices[0]}:{s.layers}" for s in r.stages] for r in config.replicas],
-                     "points": []}
+                     "speeds": results["speeds"], "points": []}
+            devices_now = cluster_path  # the devices as they run just before the plan is served
+            if i > 0 and setup.is_measured_calibration:  # the machine's other load drifts: measure again
+                devices_now, entry["speeds"] = calibrate(cluster, setup, out, f"cluster-before-{name}")
             results["plans"][name] = entry
             log(f"{name}: {entry['layout']}")
             server = start_head(cluster, HEAD, serving_config(path, cluster), HTTP_PORT, environment(),
@@ -294,10 +294,10 @@ def run(setup: Setup, out: Path, log=print) -> dict:
                                              output_len=OUTPUT_LEN, seed=SEED, json_path=runs / f"{name}-{rate:g}.json",
                                              env=environment(), timeout=setup.seconds * 6 + 300)
                         point["measured"] = measured(report)
-                        point["predicted"] = predict(cluster_path, path, rate, report["requests"], num)
+                        point["predicted"] = predict(devices_now, path, rate, report["requests"], num)
                         is_stopped = point["measured"]["attainment"] < STOP_BELOW
                     else:
-                        point["predicted"] = predict(cluster_path, path, rate, None, num)
+                        point["predicted"] = predict(devices_now, path, rate, None, num)
                     entry["points"].append(point)
                     log(f"  {name} at {rate:g} req/s: " + ", ".join(
                         f"{side} attainment {point[side]['attainment']:.2f} throughput {point[side]['throughput_rps']:.2f}"
@@ -310,6 +310,19 @@ def run(setup: Setup, out: Path, log=print) -> dict:
     results["complete"] = True
     save(results, out, started)
     return results
+
+
+def calibrate(cluster: EmulatedCluster, setup: Setup, out: Path, stem: str) -> tuple[Path, dict[str, float]]:
+    """The cluster file `out/STEM.yaml` of the devices as they run now, and their speeds."""
+    if setup.is_measured_calibration:
+        speeds, how = measure_speeds(cluster, out, stem), "speed measured on its host"
+    else:
+        speeds, how = dict(DEVICE_CORES), "scaled by its CPU quota"
+    reference = load_device_file(REFERENCE_DEVICE)
+    devices = {host: scaled_device(reference, host, speeds[host], how) for host in DEVICE_CORES}
+    path = out / f"{stem}.yaml"
+    path.write_text(yaml.safe_dump(cluster_file(devices), sort_keys=False))
+    return path, {host: round(v, 4) for host, v in speeds.items()}
 
 
 def save(results: dict, out: Path, started: float) -> None:
@@ -364,14 +377,17 @@ def report(results: dict) -> str:
         f"{s['seconds']:g} s of arrivals per point, deadline {s['slo_s']:g} s end to end. `hexgen bench serve` against "
         f"`hexgen serve` across the hosts; predicted = the simulator on the same arrival times. Run time "
         f"{results.get('elapsed_s', 0) / 60:.1f} min (calibration {results.get('calibration_s', 0):.0f} s).", "",
-        f"| plan | layout (device:layers per stage) | highest rate at {TARGET:.0%} attainment, measured (req/s) | predicted (req/s) | vs best symmetric, measured |",
-        "|---|---|---|---|---|",
+        f"| plan | layout (device:layers per stage) | device speeds when served (a, b, c) | highest rate at {TARGET:.0%} attainment, measured (req/s) | predicted (req/s) | vs best symmetric, measured | predicted |",
+        "|---|---|---|---|---|---|---|",
     ]
-    sym = best.get("symmetric", {}).get("measured", 0.0)
+    symmetric = best.get("symmetric", {})
     for name, plan in results["plans"].items():
-        ratio = f"{best[name]['measured'] / sym:.2f}x" if sym else "n/a"
+        ratios = [f"{best[name][side] / symmetric[side]:.2f}x" if symmetric.get(side) else "n/a"
+                  for side in ("measured", "predicted")]
         layout = " + ".join("[" + ", ".join(stages) + "]" for stages in plan["layout"])
-        lines.append(f"| {plan['label']} | {layout} | {best[name]['measured']:.2f} | {best[name]['predicted']:.2f} | {ratio} |")
+        speeds = ", ".join(f"{v:.3f}" for v in plan.get("speeds", {}).values())
+        lines.append(f"| {plan['label']} | {layout} | {speeds} | {best[name]['measured']:.2f} | {best[name]['predicted']:.2f} | "
+                     f"{ratios[0]} | {ratios[1]} |")
     lines += ["", f"Prediction against measurement over {err['num_points']} measured points: median absolute error of SLO "
               f"attainment {err['attainment']:.3f} (goal <= 0.10), median relative error of throughput "
               f"{err['throughput']:.1%} and of TPOT p50 {err['tpot_p50']:.1%} (goal <= 15%).", "",
