@@ -12,8 +12,11 @@ Needs root (network namespaces, tc, cgroup v1 cpu). The cluster (planning/emulat
   the cluster file gives the planner and the deployment gives the engine: none of the three holds the
   whole model (fp32 weights, workspace and useful KV); the head only runs `hexgen serve` (HTTP, driver) and
   the load generator, in a cgroup without a quota.
-Steps: each device's speed is measured as it runs (the engine's own stage timed on its host, inside its
-quota; see REFERENCE_DEVICE) and the cluster file is written with the shaped links; `hexgen plan` (default settings) and `hexgen plan
+Steps: `hexgen calibrate --nodes a,b,c --quick` on the head measures, through the agents, every pair's
+link and every node's device and memory budget; its quick 4-term device fit is noise under a quota, so
+each device's speed is also measured as it runs (the engine's own stage timed on its host, inside its
+quota) and its spec is this machine's full calibration at that speed (REFERENCE_DEVICE); the cluster
+file: calibrate's nodes and measured links with those devices; `hexgen plan` (default settings) and `hexgen plan
 --symmetric` (every stage the same TP degree and layer count) choose plans for the workload at PLAN_RATE;
 the naive plan splits the layers evenly over a, b, c in host order. Each plan is served across the hosts
 by `hexgen serve` and driven by `hexgen bench serve` (Poisson arrivals, fixed prompt and output lengths)
@@ -153,19 +156,33 @@ def scaled_device(reference: DeviceFile, host: str, speed: float, how: str) -> D
         "source": f"{REFERENCE_DEVICE.name} x {speed:.3f} ({how})", "link": None})
 
 
-def cluster_file(devices: dict[str, DeviceFile]) -> dict:
-    """The planner's cluster file: one node per device host with its measured device and its memory budget,
-    the links as shaped."""
-    gpus = {}
-    for host, device in devices.items():
-        spec = device.device().model_dump(exclude_none=True)
-        gpus[f"{host}-cpu"] = {**spec, "memory_gb": DEVICE_MEMORY_GB[host]}
-    return {
-        "gpus": gpus,
-        "nodes": [{"name": host, "site": SITES[host], "gpu": f"{host}-cpu", "count": 1} for host in devices],
-        "links": {"intra_site": {"bandwidth_gbps": BANDWIDTH_MBIT[("s1", "s1")] / 1000, "latency_ms": LINK_LATENCY_MS},
-                  "inter_site": {"bandwidth_gbps": BANDWIDTH_MBIT[("s1", "s2")] / 1000, "latency_ms": LINK_LATENCY_MS}},
-    }
+def calibrate_across_hosts(cluster: EmulatedCluster, out: Path) -> dict:
+    """`hexgen calibrate --nodes a,b,c --quick` on the head, through the agents: every pair's link measured
+    (gloo between the hosts) and every node's device profile and memory budget; the cluster file it writes."""
+    path = out / "calibrated.yaml"
+    argv = hexgen_argv("calibrate", "--nodes", ",".join(DEVICE_CORES), "--quick", "--cluster-host", cluster.address(HEAD),
+                       "--cluster-port", str(CLUSTER_PORT), "-o", str(path))
+    run = cluster.run(HEAD, argv, env=environment(), cwd=REPO, timeout=1200)
+    if run.returncode != 0:
+        raise RuntimeError(f"`hexgen calibrate --nodes` failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    return yaml.safe_load(path.read_text())
+
+
+def shaped_links() -> dict:
+    """The links as shaped (when not measured): a node's site as in SITES."""
+    return {"nodes": [{"name": host, "site": SITES[host]} for host in DEVICE_CORES],
+            "links": {"intra_site": {"bandwidth_gbps": BANDWIDTH_MBIT[("s1", "s1")] / 1000, "latency_ms": LINK_LATENCY_MS},
+                      "inter_site": {"bandwidth_gbps": BANDWIDTH_MBIT[("s1", "s2")] / 1000, "latency_ms": LINK_LATENCY_MS}}}
+
+
+def cluster_file(devices: dict[str, DeviceFile], topology: dict) -> dict:
+    """The planner's cluster file: the nodes and links of `topology` (a cluster file: `hexgen calibrate`'s,
+    or the shaped links), one device per node with its memory budget."""
+    gpus = {f"{host}-cpu": {**device.device().model_dump(exclude_none=True), "memory_gb": DEVICE_MEMORY_GB[host]}
+            for host, device in devices.items()}
+    nodes = [{"name": node["name"], "site": node.get("site", node["name"]), "gpu": f"{node['name']}-cpu", "count": 1}
+             for node in topology["nodes"]]
+    return {"gpus": gpus, "nodes": nodes, "links": topology["links"]}
 
 
 # ------------------------------------------------------------------------------------------------- plans
@@ -262,15 +279,21 @@ def run(setup: Setup, out: Path, log=print) -> dict:
     with EmulatedCluster(hosts, sites=SITES, bandwidth_mbit=BANDWIDTH_MBIT, cpu_quota=DEVICE_CORES,
                          cpu_period_us=CPU_PERIOD_US) as cluster:
         cluster.set_cpu_quota(HEAD, None)  # a group of its own, weighted like the others, no limit
+        agents = [start_agent(cluster, host, HEAD, CLUSTER_PORT, environment(), runs, "--num-cpus", "1",
+                              "--memory-gb", str(DEVICE_MEMORY_GB[host])) for host in DEVICE_CORES]
         phase = time.perf_counter()
-        cluster_path, results["speeds"] = calibrate(cluster, setup, out, "cluster")
+        if setup.is_measured_calibration:
+            calibrated = calibrate_across_hosts(cluster, out)
+            results["calibrated"] = {"links": calibrated["links"], "devices": device_summaries(out / "calibrated-devices")}
+            topology = calibrated
+        else:
+            topology = shaped_links()
+        cluster_path, results["speeds"] = calibrate(cluster, setup, out, "cluster", topology)
         results["calibration_s"] = round(time.perf_counter() - phase, 1)
         log(f"calibrated in {results['calibration_s']:.0f} s: {cluster_path}")
         phase = time.perf_counter()
         plans = make_plans(cluster_path, out, setup.plans)
         results["planning_s"] = round(time.perf_counter() - phase, 1)
-        agents = [start_agent(cluster, host, HEAD, CLUSTER_PORT, environment(), runs, "--num-cpus", "1",
-                              "--memory-gb", str(DEVICE_MEMORY_GB[host])) for host in DEVICE_CORES]
         for i, (name, path) in enumerate(plans.items()):
             config = load_config(path)
             entry = {"label": LABELS[name], "shape": describe_shapes(plan_from_config(config, load_cluster(cluster_path))),
@@ -278,7 +301,7 @@ def run(setup: Setup, out: Path, log=print) -> dict:
                      "speeds": results["speeds"], "points": []}
             devices_now = cluster_path  # the devices as they run just before the plan is served
             if i > 0 and setup.is_measured_calibration:  # the machine's other load drifts: measure again
-                devices_now, entry["speeds"] = calibrate(cluster, setup, out, f"cluster-before-{name}")
+                devices_now, entry["speeds"] = calibrate(cluster, setup, out, f"cluster-before-{name}", topology)
             results["plans"][name] = entry
             log(f"{name}: {entry['layout']}")
             server = start_head(cluster, HEAD, serving_config(path, cluster), HTTP_PORT, environment(),
@@ -312,8 +335,8 @@ def run(setup: Setup, out: Path, log=print) -> dict:
     return results
 
 
-def calibrate(cluster: EmulatedCluster, setup: Setup, out: Path, stem: str) -> tuple[Path, dict[str, float]]:
-    """The cluster file `out/STEM.yaml` of the devices as they run now, and their speeds."""
+def calibrate(cluster: EmulatedCluster, setup: Setup, out: Path, stem: str, topology: dict) -> tuple[Path, dict[str, float]]:
+    """The cluster file `out/STEM.yaml` of the devices as they run now on `topology`, and their speeds."""
     if setup.is_measured_calibration:
         speeds, how = measure_speeds(cluster, out, stem), "speed measured on its host"
     else:
@@ -321,8 +344,15 @@ def calibrate(cluster: EmulatedCluster, setup: Setup, out: Path, stem: str) -> t
     reference = load_device_file(REFERENCE_DEVICE)
     devices = {host: scaled_device(reference, host, speeds[host], how) for host in DEVICE_CORES}
     path = out / f"{stem}.yaml"
-    path.write_text(yaml.safe_dump(cluster_file(devices), sort_keys=False))
+    path.write_text(yaml.safe_dump(cluster_file(devices, topology), sort_keys=False))
     return path, {host: round(v, 4) for host, v in speeds.items()}
+
+
+def device_summaries(devices_dir: Path) -> dict:
+    """`hexgen calibrate --nodes`' own device profiles, kept beside the speeds the experiment uses."""
+    keys = ("memory_gb", "tflops", "mem_bandwidth_gbs", "overhead_ms_per_layer", "overhead_ms_per_step", "overhead_us_per_kv_token")
+    return {path.stem: {k: getattr(device, k) for k in keys}
+            for path in sorted(devices_dir.glob("*.yaml")) for device in [load_device_file(path)]}
 
 
 def save(results: dict, out: Path, started: float) -> None:
@@ -373,6 +403,7 @@ def report(results: dict) -> str:
         f"Devices: this machine's calibration (configs/devices/local-cpu.yaml) at each host's speed "
         f"({', '.join(f'{h} {v:.3f}x' for h, v in results.get('speeds', {}).items())}), "
         f"{'measured on the host by timing the engine stage' if s['is_measured_calibration'] else 'its CPU quota'}; "
+        f"links {'as `hexgen calibrate --nodes` measured them' if s['is_measured_calibration'] else 'as shaped'}; "
         f"plans for {s['plan_rate']:g} req/s. Workload: prompt {s['prompt_len']}, output {s['output_len']} tokens, Poisson arrivals, "
         f"{s['seconds']:g} s of arrivals per point, deadline {s['slo_s']:g} s end to end. `hexgen bench serve` against "
         f"`hexgen serve` across the hosts; predicted = the simulator on the same arrival times. Run time "
