@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 
 from hexcore import config
-from planning.calibrate.node_jobs import FULL_LINK, QUICK_LINK, DeviceProfile, DeviceProfileJob, LinkEndpointJob
+from planning.calibrate.node_jobs import (FULL_LINK, QUICK_LINK, DeviceProfile, DeviceProfileJob, LinkBudget,
+                                         LinkEndpointJob)
 from planning.calibrate.pair import PairTiming
 from planning.inputs.catalog import LinkSpec
 from planning.inputs.cluster import load_cluster
@@ -36,6 +37,7 @@ from planning.inputs.cluster import load_cluster
 DEFAULT_OUTPUT = "configs/clusters/calibrated.yaml"
 DEVICE_TIMEOUT_SECONDS = {True: 600.0, False: 1800.0}  # by is_quick
 LINK_TIMEOUT_SECONDS = 300.0
+NUM_LINK_ATTEMPTS = 3  # per pair, while its time does not grow with message size
 _NODE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")  # as the cluster file's node names
 
 
@@ -49,7 +51,7 @@ class MeasuredPair:
         try:
             fit = self.timing.fit
         except ValueError as err:
-            raise ValueError(f"link {self.nodes[0]} <-> {self.nodes[1]}: {err}; re-run on a quieter network") from None
+            raise ValueError(f"link {self.nodes[0]} <-> {self.nodes[1]}: {err}") from None
         return LinkSpec(bandwidth_gbps=_round(fit.bytes_per_second * 8 / 1e9), latency_ms=_round(fit.latency_s * 1e3))
 
 
@@ -87,37 +89,60 @@ def calibrate_cluster(nodes: Sequence[str], output: str | Path = DEFAULT_OUTPUT,
         jobs = {node: DeviceProfileJob(_device_name(node), command, dtype, host.num_cores,
                                        host.memory_bytes / 1e9, is_quick)  # one device per node: its cpu
                 for node, host in hosts.items()}
-        log(f"device profiles ({'one node at a time' if is_one_at_a_time else 'every node at once'}): "
-            + ", ".join(f"{node} at {job.num_threads} thread(s), {job.memory_gb:.1f} GB" for node, job in jobs.items()))
-        timeout, started = DEVICE_TIMEOUT_SECONDS[is_quick], time.monotonic()
-        with ThreadPoolExecutor(max_workers=1 if is_one_at_a_time else len(nodes)) as pool:
-            futures = {node: pool.submit(run_job, node, job, timeout) for node, job in jobs.items()}
-            profiles: dict[str, DeviceProfile] = {node: future.result() for node, future in futures.items()}
-        log(f"device profiles measured in {time.monotonic() - started:.1f} s")
-        pairs = []
-        if len(nodes) > 1:
-            from hexcore.executor.rendezvous import Rendezvous
-
-            rendezvous, budget = Rendezvous(head.host), QUICK_LINK if is_quick else FULL_LINK
-            started = time.monotonic()
-            try:
-                for a, b in itertools.combinations(nodes, 2):
-                    prefix = rendezvous.new_prefix(f"link-{a}-{b}")
-                    ends = [LinkEndpointJob(rendezvous.address, prefix, rank, budget) for rank in (0, 1)]
-                    with ThreadPoolExecutor(max_workers=2) as pool:
-                        futures = [pool.submit(run_job, node, end, LINK_TIMEOUT_SECONDS) for node, end in zip((a, b), ends)]
-                        timing = futures[0].result()
-                        futures[1].result()
-                    pairs.append(MeasuredPair((a, b), timing))
-                    log(f"link {a} <-> {b}: {_describe_link(pairs[-1].link)}")
-                log(f"links measured in {time.monotonic() - started:.1f} s")
-            finally:
-                rendezvous.close()
+        profiles = _profile_devices(jobs, run_job, is_quick, is_one_at_a_time, log)
+        pairs = _measure_links(nodes, run_job, head.host, QUICK_LINK if is_quick else FULL_LINK, log)
     finally:
         if cluster_head is not None:
             cluster_head.close()
     return write_cluster_file(output, {node: profile.text for node, profile in profiles.items()}, pairs,
                               header=[f"`{command}`, {_today()}"])
+
+
+def _profile_devices(jobs: dict[str, DeviceProfileJob], run_job, is_quick: bool, is_one_at_a_time: bool,
+                     log) -> dict[str, DeviceProfile]:
+    log(f"device profiles ({'one node at a time' if is_one_at_a_time else 'every node at once'}): "
+        + ", ".join(f"{node} at {job.num_threads} thread(s), {job.memory_gb:.1f} GB" for node, job in jobs.items()))
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=1 if is_one_at_a_time else len(jobs)) as pool:
+        futures = {node: pool.submit(run_job, node, job, DEVICE_TIMEOUT_SECONDS[is_quick]) for node, job in jobs.items()}
+        profiles = {node: future.result() for node, future in futures.items()}
+    log(f"device profiles measured in {time.monotonic() - started:.1f} s")
+    return profiles
+
+
+def _measure_links(nodes: Sequence[str], run_job, store_host: str, budget: LinkBudget, log) -> list[MeasuredPair]:
+    """Every pair of nodes, one pair at a time, each again while its time does not grow with message size
+    (a stall on a busy host)."""
+    from hexcore.executor.rendezvous import Rendezvous
+
+    if len(nodes) < 2:
+        return []
+    rendezvous, pairs, started = Rendezvous(store_host), [], time.monotonic()
+    try:
+        for a, b in itertools.combinations(nodes, 2):
+            for attempt in range(1, NUM_LINK_ATTEMPTS + 1):
+                pair = _measure_pair(a, b, run_job, rendezvous, budget)
+                try:
+                    log(f"link {a} <-> {b}: {_describe_link(pair.link)}")
+                    break
+                except ValueError as err:
+                    if attempt == NUM_LINK_ATTEMPTS:
+                        raise ValueError(f"{err}, {attempt} times; re-run on a quieter machine") from None
+                    log(f"{err}; measuring it again")
+            pairs.append(pair)
+    finally:
+        rendezvous.close()
+    log(f"links measured in {time.monotonic() - started:.1f} s")
+    return pairs
+
+
+def _measure_pair(a: str, b: str, run_job, rendezvous, budget: LinkBudget) -> MeasuredPair:
+    prefix = rendezvous.new_prefix(f"link-{a}-{b}")
+    ends = [LinkEndpointJob(rendezvous.address, prefix, rank, budget) for rank in (0, 1)]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # both ends at once; rank 0 answers with the timings
+        futures = [pool.submit(run_job, node, end, LINK_TIMEOUT_SECONDS) for node, end in zip((a, b), ends)]
+        timing, _ = (future.result() for future in futures)
+    return MeasuredPair((a, b), timing)
 
 
 def write_cluster_file(output: str | Path, device_texts: dict[str, str], pairs: Sequence[MeasuredPair],

@@ -23,7 +23,9 @@ from planning.calibrate.links import AlphaBeta, ping_pong
 
 SMALL_BYTES = 4 << 10  # pins the latency
 PROBE_BYTES = 64 << 10
+MIN_LARGEST_BYTES = 256 << 10  # well past a shaper's burst at line rate (htb's ~2 ms worth, 32 KiB at least)
 MAX_BYTES = 64 << 20
+NUM_PROBE_CALLS = 3  # the median of 3 round trips: one stalled by a busy host does not end the probe
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ def next_probe(size: int, one_way_s: float, target_s: float) -> tuple[bool, int]
     if one_way_s < target_s / 4 and size * 2 <= MAX_BYTES:
         return False, size * 2
     largest = int(size * target_s / max(one_way_s, 1e-9)) // 4096 * 4096
-    return True, min(MAX_BYTES, max(16 * SMALL_BYTES, largest))
+    return True, min(MAX_BYTES, max(MIN_LARGEST_BYTES, largest))
 
 
 def time_pair(store_address: str, store_prefix: str, rank: int, target_s: float, num_reps: int, num_batches: int,
@@ -76,7 +78,7 @@ def _largest_size(rank: int, target_s: float) -> int:
     decision = torch.zeros(2, dtype=torch.int64)  # [is_done, size]
     size = PROBE_BYTES
     while True:
-        one_way = ping_pong(rank, torch.zeros(size // 4), num_reps=1, num_batches=1) / 2
+        one_way = ping_pong(rank, torch.zeros(size // 4), num_reps=1, num_batches=NUM_PROBE_CALLS) / 2
         if rank == 0:
             is_done, size = next_probe(size, one_way, target_s)
             decision[0], decision[1] = int(is_done), size

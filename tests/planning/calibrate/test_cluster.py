@@ -12,7 +12,7 @@ import yaml
 
 from hexcore.executor.ports import free_port
 from planning.calibrate.cluster import MeasuredPair, write_cluster_file
-from planning.calibrate.pair import MAX_BYTES, PROBE_BYTES, PairTiming, next_probe
+from planning.calibrate.pair import MAX_BYTES, MIN_LARGEST_BYTES, PROBE_BYTES, PairTiming, next_probe
 from planning.inputs.cluster import load_cluster
 from server.entrypoint import main
 
@@ -63,7 +63,7 @@ def test_the_probe_doubles_until_a_quarter_of_the_target_then_picks_what_the_rat
     is_done, largest = next_probe(1 << 20, one_way_s=0.01, target_s=0.03)  # 100 MiB/s: 3 MiB in 30 ms
     assert is_done and largest == 3 << 20
     assert next_probe(MAX_BYTES, one_way_s=0.001, target_s=0.03) == (True, MAX_BYTES), "never past MAX_BYTES"
-    assert next_probe(PROBE_BYTES, one_way_s=1.0, target_s=0.03)[1] == 64 << 10, "never below 16 small messages"
+    assert next_probe(PROBE_BYTES, one_way_s=1.0, target_s=0.03) == (True, MIN_LARGEST_BYTES), "past any burst"
 
 
 def test_the_bandwidth_is_the_slope_between_the_largest_messages_past_a_burst_at_line_rate():
