@@ -1,9 +1,11 @@
 """An agent runs only the job types hexcore/cluster/jobs.py names: anything else is answered with an
-error and never started."""
+error and never started. A job that raises or overruns its time is a JobFailed saying so."""
 
 from dataclasses import dataclass
 
-from hexcore.cluster.jobs import JOBS, NodeJobs, job_type_name
+import pytest
+
+from hexcore.cluster.jobs import JOBS, JobFailed, NodeJobs, job_type_name, run_here
 from hexcore.cluster.messages import RunJob
 
 
@@ -29,3 +31,21 @@ def test_the_fixed_set_names_the_calibration_jobs():
 
     assert {job_type_name(DeviceProfileJob.__new__(DeviceProfileJob)),
             job_type_name(LinkEndpointJob.__new__(LinkEndpointJob))} == JOBS
+
+
+def profile_job(dtype: str = "float32"):
+    from planning.calibrate.node_jobs import DeviceProfileJob
+
+    return DeviceProfileJob("x-cpu", "a test", dtype, num_threads=1, memory_gb=1.0, is_quick=True)
+
+
+@pytest.mark.slow  # a job process
+def test_a_job_that_raises_is_a_job_failed_with_its_error():
+    with pytest.raises(JobFailed, match="DeviceProfileJob failed on this host: KeyError: 'float8'"):
+        run_here(profile_job("float8"), timeout_seconds=120)
+
+
+@pytest.mark.slow  # a job process
+def test_a_job_past_its_time_is_stopped():
+    with pytest.raises(JobFailed, match="timed out after 0 s"):
+        run_here(profile_job(), timeout_seconds=0.2)
