@@ -89,7 +89,10 @@ class ClusterHead:
     def run_job(self, node: str, job: object, timeout: float) -> object:
         """Run `job` (hexcore/cluster/jobs.py) on `node` and return its result; JobFailed says why there is none."""
         job_id = next(self._job_ids)
-        self._nodes[node].send(RunJob(job_id, job, timeout))
+        try:
+            self._nodes[node].send(RunJob(job_id, job, timeout))
+        except OSError as err:
+            raise JobFailed(f"node {node!r} cannot be sent {type(job).__name__}: {err}") from None
         deadline = time.monotonic() + timeout + JOB_GRACE_SECONDS
         with self._changed:
             while job_id not in self._job_results:
