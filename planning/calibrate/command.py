@@ -290,6 +290,12 @@ def _ms_list(seconds: tuple[float, ...]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.nodes is not None:
         return run_across_hosts(args)
+    across = {"--node-name": args.node_name, "--cluster-host": args.cluster_host, "--cluster-port": args.cluster_port,
+              "--token-file": args.token_file, "--join-timeout": args.join_timeout,
+              "--one-at-a-time": args.one_at_a_time or None}
+    given = [flag for flag, value in across.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --nodes (calibrating a cluster)")
     budget = QUICK if args.quick else FULL
     threads = 1 if args.threads_per_worker is None else args.threads_per_worker
     calibration = calibrate(args.dtype, threads, budget, log=lambda line: print(line, file=sys.stderr, flush=True))

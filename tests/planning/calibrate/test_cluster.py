@@ -77,6 +77,7 @@ def test_the_bandwidth_is_the_slope_between_the_largest_messages_past_a_burst_at
     (["--nodes", "a", "--threads-per-worker", "2"], "--threads-per-worker is for one machine"),
     (["--nodes", "a,b,a"], "--nodes: a named more than once"),
     (["--nodes", "a/cpu"], "bad node names"),
+    (["--cluster-port", "8478"], "--cluster-port: only with --nodes"),
 ])
 def test_bad_arguments_are_refused_before_anything_starts(args, message, capsys, tmp_path):
     assert main(["calibrate", *args, "-o", str(tmp_path / "c.yaml")]) == 2
