@@ -2,8 +2,9 @@
 
 One replica of SmolLM2-135M as three stages [TP1 -> TP1 -> TP3] (10 layers each; every role: first stage,
 middle, last-stage sampling rank, last-stage ranks that only join the logits gather), 2 micro-batches, one
-fixed workload: N random prompts at once, ignore_eos, first greedy (no penalties), then sampled with presence,
-frequency and repetition penalties. The bytes are the driver's step payloads per rank, counted at the pipe
+fixed workload: N random prompts at once, three times: greedy (ignore_eos), sampled with presence, frequency and
+repetition penalties (ignore_eos), and seeded top-p sampling with min_tokens, logprobs and prompt logprobs. The
+generated tokens and logprobs of each are fingerprinted: they must be the same before and after. The bytes are the driver's step payloads per rank, counted at the pipe
 (`Connection.send_bytes`), attributed to each step as the replica submits it; a step is a prefill step when
 some sequence brings more than one token. Bytes are exact and repeatable, not timed.
 
@@ -17,6 +18,7 @@ temporary directory and run in a subprocess with it first on the path; "after" i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -37,6 +39,16 @@ ROLES = {0: "first stage", 1: "middle stage", 2: "last, sampling rank", 3: "last
 def make_prompts(requests: int, prompt_len: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(100, 49000) for _ in range(prompt_len)] for _ in range(requests)]
+
+
+def fingerprint(results) -> str:
+    """The generated tokens and every logprob (6 decimals), hashed: equal before and after or not."""
+    def rounded(logprobs):
+        return [None if t is None else (t.token_id, round(t.logprob, 6), sorted((k, round(v, 6)) for k, v in t.top.items()))
+                for t in logprobs or []]
+
+    outputs = [(c.token_ids, rounded(c.logprobs), rounded(r.prompt_logprobs)) for r in results for c in r.completions]
+    return hashlib.sha256(json.dumps(outputs).encode()).hexdigest()[:16]
 
 
 def inner(args) -> None:
@@ -61,7 +73,10 @@ def inner(args) -> None:
     Connection.send_bytes = counting_send_bytes
     workloads = {"greedy": SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True),
                  "penalties": SamplingParams(temperature=0.8, max_tokens=args.output_len, ignore_eos=True,
-                                             presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1, seed=1)}
+                                             presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1, seed=1),
+                 "seeded, min_tokens, logprobs": SamplingParams(temperature=1.0, top_p=0.9, seed=7, min_tokens=8,
+                                                                max_tokens=args.output_len, logprobs=2,
+                                                                prompt_logprobs=1)}
     results = {}
     with LLM(parse_config(raw)) as llm:
         replica = llm.core.replicas[0]
@@ -80,8 +95,8 @@ def inner(args) -> None:
             sends.clear()
             steps.clear()
             prompts = make_prompts(args.requests, args.prompt_len, args.seed)
-            llm.generate(prompts, params)
-            results[name] = {kind: {"steps": len(chosen),
+            results[name] = {"outputs": fingerprint(llm.generate(prompts, params))}
+            results[name] |= {kind: {"steps": len(chosen),
                                     "bytes": [statistics.mean(s["bytes"][r] for s in chosen) if chosen else 0.0
                                               for r in range(len(rank_of))]}
                              for kind, chosen in (("prefill", [s for s in steps if s["prefill"]]),
@@ -133,6 +148,8 @@ def main() -> None:
                 print(f"  {rank:<4} {role:<22} {b['bytes'][rank]:>9.0f} {a['bytes'][rank]:>8.0f} {ratio:>12.2f}")
             total_b, total_a = sum(b["bytes"]), sum(a["bytes"])
             print(f"  {'all':<4} {'':<22} {total_b:>9.0f} {total_a:>8.0f} {total_a / total_b:>12.2f}")
+        same = before[workload]["outputs"] == after[workload]["outputs"]
+        print(f"{workload}: output tokens {'identical' if same else 'DIFFERENT'} before and after")
 
 
 if __name__ == "__main__":

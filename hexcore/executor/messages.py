@@ -23,7 +23,7 @@ class SeqSampling:
     seq_id: int = -1  # the sequence's id in the engine: a grammar's matcher is kept per sequence
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PromptScoring:
     """Score prompt tokens: chunk row first_row + i predicts target_ids[i] (the prompt token after it)."""
 
@@ -90,8 +90,9 @@ class StepBatch:
 
 # What the driver sends each rank per step: only what the rank needs and does not know yet (the driver
 # keeps a mirror of that, executor/step_messages.py; the worker keeps the state, worker/seq_state.py).
+# Slotted, so that they pickle their fields by position, without the field names.
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SeqStart:
     """What the sampling rank keeps of a sequence from the first step that samples it, while the
     sequence holds its blocks: constant for that long."""
@@ -102,7 +103,7 @@ class SeqStart:
     prompt_token_ids: tuple[int, ...] = ()  # only when the repetition penalty needs them
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StepSampling:
     """The sampling rank's part of a step (the last stage's TP leader), each by sequence id."""
 
@@ -111,7 +112,7 @@ class StepSampling:
     banned_token_ids: dict[int, tuple[int, ...]]  # this step's bans (eos and stop ids before min_tokens)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StepMessage:
     """One step of a replica as the ranks of one role receive it (first stage, middle, last stage,
     the last stage's sampling rank; built and pickled once per role). Per sequence, in the step's order:
@@ -125,7 +126,7 @@ class StepMessage:
     new_block_ids: list[list[int]]
     dropped_seq_ids: list[int]  # their blocks were freed (finished, aborted, preempted): forget them first
     token_ids: list[int] | None = None  # [T], first stage only
-    unsampled: list[int] | None = None  # last stage only: positions in the step of the sequences not sampled
+    unsampled: list[int] | None = None  # last stage only: indices into seq_ids of the sequences not sampled
     prompt_scoring: list[PromptScoring | None] | None = None  # last stage only, when some sequence is scored
     sampling: StepSampling | None = None  # the sampling rank only
 
