@@ -55,13 +55,14 @@ class BlockManager:
             seq.block_table.append(block)
 
     def free(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self._freed_seq_ids.append(seq.seq_id)
         for block in reversed(seq.block_table):  # the tail of a prefix is evicted before its head
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
                 self._free[block] = None
         seq.block_table = []
         seq.block_hashes = []
-        self._freed_seq_ids.append(seq.seq_id)
 
     def take_freed_seq_ids(self) -> list[int]:
         """The sequences whose tables were freed since the last call (finished, aborted, preempted,
