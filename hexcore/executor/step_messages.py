@@ -34,6 +34,8 @@ class Role:
 
 
 class StepMessages:
+    """The step messages of one start of a replica's workers, and the mirror of what they know."""
+
     def __init__(self, roles: list[Role]):
         self.roles = list(dict.fromkeys(roles))  # distinct, in rank order
         self._num_blocks: dict[int, int] = {}  # by seq id: the blocks of its table every rank holds
@@ -52,6 +54,7 @@ class StepMessages:
         new_block_ids = []
         for seq_id, table in zip(batch.seq_ids, batch.block_tables):
             known = self._num_blocks.get(seq_id, 0)
+            assert known <= len(table), f"sequence {seq_id}'s block table shrank without being freed"
             new_block_ids.append(table[known:])
             self._num_blocks[seq_id] = len(table)
         common = dict(step_id=batch.step_id, seq_ids=batch.seq_ids, query_lens=batch.query_lens,
