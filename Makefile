@@ -19,7 +19,7 @@ serve: install
 	$(VENV)/bin/hexgen serve --host 127.0.0.1 --port 8000 $(ARGS)
 
 test: install
-	$(VENV)/bin/pytest -q $(ARGS)
+	$(VENV)/bin/pytest -q --durations=25 $(ARGS)  # the slowest tests, for keeping the suite short
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow" $(ARGS)

@@ -10,8 +10,9 @@ Per case, over a fixed offline workload (N concurrent random prompts, greedy, ig
 - output tokens/s (first request added -> last token) and TPOT (per request: (last - first token) / (n - 1), median);
 - the link's bytes per engine step and per output token: the head's eth0 rx + tx counters (headers included),
   split by plane from the head's TCP sockets (payload, tcp_info): control = the cluster channel (port 8478: the
-  driver's StepBatch to the remote worker, its StepResult back, heartbeats), data = gloo between the stages
-  (hidden states), store = the c10d store; plus the pickled StepBatch size the driver sends each worker per step;
+  driver's step message to the remote worker, its StepResult back, heartbeats), data = gloo between the stages
+  (hidden states), store = the c10d store; plus the mean pickled step message (one per role: here stage 0's and
+  stage 1's) the driver sends per step (per rank: benchmarks/bench_step_bytes.py);
 - the planner's prediction: the cost model's replicas (planning.replica_costs on a cluster file with the link's
   bandwidth) simulated on the same requests, all arriving at once (planning.simulate).
 
@@ -73,8 +74,8 @@ def make_prompts(requests: int, prompt_len: int, seed: int) -> list[list[int]]:
 # ------------------------------------------------------------------------------------- inside the head's namespace
 
 class _CountingPickle:
-    """Stands in for `pickle` in hexcore.executor.replica_workers: counts the StepBatch bytes the driver pickles
-    (once per step, then sent to every worker of the replica) at no extra cost."""
+    """Stands in for `pickle` in hexcore.executor.replica_workers: counts the step message bytes the driver
+    pickles (once per role per step, then sent to every worker of that role) at no extra cost."""
 
     HIGHEST_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -294,7 +295,7 @@ def print_table(rows: list[dict]) -> None:
     base = rows[0] if rows and rows[0]["mbit"] is None else None
     print(f"\n{'case':<11} {'tok/s':>6} {'pred':>6} {'rel':>5} {'pred':>5} {'TPOT ms':>8} {'pred':>6} "
           f"{'TTFT ms':>8} {'pred':>6} {'steps':>5} {'link B/step':>11} {'ctrl B/step':>11} {'data B/step':>11} "
-          f"{'model B/step':>12} {'B/out tok':>9} {'StepBatch B':>11}")
+          f"{'model B/step':>12} {'B/out tok':>9} {'step msg B':>11}")
     for r in rows:
         rel = r["tokens_per_second"] / base["tokens_per_second"] if base else float("nan")
         rel_pred = r["predicted_tokens_per_second"] / base["predicted_tokens_per_second"] if base else float("nan")
@@ -307,7 +308,7 @@ def print_table(rows: list[dict]) -> None:
     print("rel: tok/s over the one-host case's (measured, predicted). link B/step: head eth0 rx+tx (headers\n"
           "included); ctrl / data: TCP payload on the cluster channel (8478) / gloo between the stages (one host:\n"
           "over loopback, not a link); model B/step: the hidden states the cost model sends (tokens x 576 x 4);\n"
-          "StepBatch B: pickled step message the driver sends each worker.")
+          "step msg B: mean pickled step message per role (stage 0's, stage 1's) the driver sends per step.")
 
 
 def main() -> None:

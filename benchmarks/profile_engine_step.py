@@ -4,7 +4,7 @@ Builds one rank's StageRunner holding every SmolLM2 layer (TP1) exactly as a wor
 the step shapes of the benchmark in bench_engine.py: a decode step of B sequences at context C, and a
 prefill step of the token budget. torch.profiler attributes each aten op's self time to a category
 (linear, KV gather, attention, cache write, norms/rope/activation, sampling); the rest of the step's
-wall time is Python. The driver's per-step work (building and pickling the StepBatch, detokenizing)
+wall time is Python. The driver's per-step work (building and pickling a step message, detokenizing)
 and what the profiler cannot see (IPC) are timed separately.
 
     .venv/bin/python -m benchmarks.profile_engine_step [--threads 2] [--batch 32] [--context 192]
@@ -143,8 +143,15 @@ def driver_costs(batch: StepBatch, repeats: int) -> None:
 
     from hexcore.engine.detokenizer import IncrementalDetokenizer
 
-    payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
-    dumps = time_runs(lambda: pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL), repeats)
+    from hexcore.executor.step_messages import Role, StepMessages
+
+    # what the one-stage worker receives for a step of sequences it already knows (its role's message)
+    role = Role(is_first=True, is_last=True, is_sampling=True)
+    messages = StepMessages([role])
+    messages.build(batch)
+    message = messages.build(batch)[role]
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    dumps = time_runs(lambda: pickle.dumps(messages.build(batch)[role], protocol=pickle.HIGHEST_PROTOCOL), repeats)
     loads = time_runs(lambda: pickle.loads(payload), repeats)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("default"))
     detokenizers = [IncrementalDetokenizer(tokenizer) for _ in batch.query_lens]
@@ -156,7 +163,7 @@ def driver_costs(batch: StepBatch, repeats: int) -> None:
             d.take_new_text(is_final=False)
 
     detok = time_runs(detokenize, repeats)
-    print(f"  StepBatch of {len(batch.query_lens)} seqs: {len(payload) / 1024:.1f} KiB pickled; dumps "
+    print(f"  step message of {len(batch.query_lens)} known seqs: {len(payload) / 1024:.1f} KiB pickled; build + dumps "
           f"{1e3 * dumps:.2f} ms, loads {1e3 * loads:.2f} ms; incremental detokenize of one token per seq "
           f"{1e3 * detok:.2f} ms")
 

@@ -16,9 +16,10 @@ from multiprocessing import AuthenticationError
 from hexcore.cluster.channel import connect, receive, send
 from hexcore.cluster.head import HEARTBEAT_SECONDS, NODE_TIMEOUT_SECONDS
 from hexcore.cluster.host import this_host
+from hexcore.cluster.jobs import NodeJobs
+from hexcore.cluster.messages import (Heartbeat, NodeHello, Refused, RunJob, StartWorker, StopWorkers, Welcome,
+                                      WorkerExited, WorkerHello)
 from hexcore.hardware import HostBudget
-from hexcore.cluster.messages import (Heartbeat, NodeHello, Refused, StartWorker, StopWorkers, Welcome, WorkerExited,
-                                      WorkerHello)
 
 log = logging.getLogger("hexgen.node")
 
@@ -61,6 +62,7 @@ def _serve_head(conn, name: str, token: bytes, budget: HostBudget) -> None:
     assert isinstance(answer, Welcome), answer
     log.info("joined the head (node %r, head %r)", name, answer.head)
     workers, send_lock, is_done = _Workers(token, budget), threading.Lock(), threading.Event()
+    jobs = NodeJobs()  # measurements the head asks for (hexgen calibrate --nodes)
 
     def to_head(message) -> None:
         with send_lock:
@@ -84,13 +86,18 @@ def _serve_head(conn, name: str, token: bytes, budget: HostBudget) -> None:
                     workers.start(message)
                 elif isinstance(message, StopWorkers):
                     workers.stop(message.store_prefix)
+                elif isinstance(message, RunJob):
+                    jobs.start(message)
             if time.monotonic() - last_heard > NODE_TIMEOUT_SECONDS and not conn.poll(0):
                 raise OSError(f"the head was silent for {NODE_TIMEOUT_SECONDS:.0f} s")
             for exited in workers.reap():
                 to_head(exited)
+            for done in jobs.reap():
+                to_head(done)
     finally:
         is_done.set()
         workers.stop_all()  # orphaned workers must not linger
+        jobs.stop_all()
         conn.close()
 
 

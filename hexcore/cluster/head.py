@@ -6,6 +6,7 @@ replicas with workers there fail over like any other failure."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -13,9 +14,10 @@ from multiprocessing.connection import Connection
 from multiprocessing import AuthenticationError
 
 from hexcore.cluster.channel import listen, receive, send
-from hexcore.cluster.host import hexgen_version
-from hexcore.cluster.messages import (Heartbeat, NodeHello, Refused, StartWorker, StopWorkers, Welcome, WorkerExited,
-                                      WorkerHello)
+from hexcore.cluster.host import HostInfo, hexgen_version
+from hexcore.cluster.jobs import JobFailed
+from hexcore.cluster.messages import (Heartbeat, JobDone, NodeHello, Refused, RunJob, StartWorker, StopWorkers, Welcome,
+                                      WorkerExited, WorkerHello)
 from hexcore.config import Device
 from hexcore.executor.specs import WorkerSpec
 
@@ -24,6 +26,7 @@ log = logging.getLogger("hexgen.cluster")
 HEARTBEAT_SECONDS = 1.0
 NODE_TIMEOUT_SECONDS = 10.0
 HANDSHAKE_SECONDS = 10.0
+JOB_GRACE_SECONDS = 10.0  # past a job's own time limit, for its agent to stop it and answer
 
 
 class _Node:
@@ -53,6 +56,8 @@ class ClusterHead:
         self._nodes: dict[str, _Node] = {}
         self._refused: dict[str, str] = {}
         self._worker_conns: dict[tuple[str, int], Connection] = {}
+        self._job_ids = itertools.count(1)
+        self._job_results: dict[int, JobDone] = {}
         self._changed = threading.Condition()
         self._is_closed = False
         threading.Thread(target=self._accept_loop, name="hexgen-cluster-accept", daemon=True).start()
@@ -75,6 +80,32 @@ class ClusterHead:
     def is_node_alive(self, name: str) -> bool:
         node = self._nodes.get(name)
         return node is not None and node.is_alive
+
+    def node_host(self, name: str) -> HostInfo:
+        """What a joined node reported about its host."""
+        return self._nodes[name].host
+
+    # jobs on nodes
+    def run_job(self, node: str, job: object, timeout: float) -> object:
+        """Run `job` (hexcore/cluster/jobs.py) on `node` and return its result; JobFailed says why there is none."""
+        job_id = next(self._job_ids)
+        try:
+            self._nodes[node].send(RunJob(job_id, job, timeout))
+        except OSError as err:
+            raise JobFailed(f"node {node!r} cannot be sent {type(job).__name__}: {err}") from None
+        deadline = time.monotonic() + timeout + JOB_GRACE_SECONDS
+        with self._changed:
+            while job_id not in self._job_results:
+                if not self.is_node_alive(node):
+                    raise JobFailed(f"node {node!r} was lost during {type(job).__name__}")
+                if time.monotonic() > deadline:
+                    raise JobFailed(f"node {node!r} did not answer {type(job).__name__} within "
+                                    f"{timeout + JOB_GRACE_SECONDS:.0f} s")
+                self._changed.wait(0.5)
+            done = self._job_results.pop(job_id)
+        if done.error is not None:
+            raise JobFailed(f"{type(job).__name__} failed on node {node!r}: {done.error}")
+        return done.result
 
     # workers on nodes
     def start_worker(self, node: str, spec: WorkerSpec) -> None:
@@ -198,6 +229,10 @@ class ClusterHead:
                 if isinstance(message, WorkerExited):
                     with self._changed:
                         node.exitcodes[(message.store_prefix, message.rank)] = message.exitcode
+                        self._changed.notify_all()
+                elif isinstance(message, JobDone):
+                    with self._changed:
+                        self._job_results[message.job_id] = message
                         self._changed.notify_all()
         except (OSError, EOFError):
             pass

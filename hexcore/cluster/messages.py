@@ -58,3 +58,22 @@ class WorkerHello:
 
     store_prefix: str
     rank: int
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """The head asks an agent to run one job (hexcore/cluster/jobs.py: one of a fixed set of measurements,
+    named by its type) in a child process, for at most `timeout_seconds`."""
+
+    job_id: int
+    job: object
+    timeout_seconds: float
+
+
+@dataclass(frozen=True)
+class JobDone:
+    """A job's result, or why it has none (`error`)."""
+
+    job_id: int
+    result: object | None
+    error: str | None = None

@@ -24,6 +24,7 @@ class BlockManager:
         self._hash_of: dict[int, int] = {}  # block id -> hash, for blocks with registered contents
         self._block_of: dict[int, int] = {}  # hash -> block id
         self.num_cache_hits = 0  # blocks reused instead of computed
+        self._freed_seq_ids: list[int] = []  # since the last take_freed_seq_ids()
 
     @property
     def num_free_blocks(self) -> int:
@@ -54,12 +55,20 @@ class BlockManager:
             seq.block_table.append(block)
 
     def free(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self._freed_seq_ids.append(seq.seq_id)
         for block in reversed(seq.block_table):  # the tail of a prefix is evicted before its head
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
                 self._free[block] = None
         seq.block_table = []
         seq.block_hashes = []
+
+    def take_freed_seq_ids(self) -> list[int]:
+        """The sequences whose tables were freed since the last call (finished, aborted, preempted,
+        unadmitted): the replica's workers drop what they keep of them."""
+        freed, self._freed_seq_ids = self._freed_seq_ids, []
+        return freed
 
     # prefix caching
     def reuse_cached_prefix(self, seq: Sequence) -> None:

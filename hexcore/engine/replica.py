@@ -117,9 +117,10 @@ class Replica:
         first-call costs. Its KV lands in block 0, which nothing holds yet and whose next owner writes
         every position before reading it."""
         greedy = SeqSampling(SamplingParams(temperature=0.0, max_tokens=1), seed=0, num_generated=0)
-        step_id = self._take_step_id()
-        workers.submit(StepBatch.uniform(1, 1, self.block_manager.block_size, [greedy], step_id=step_id))
-        workers.wait_for_result(step_id, timeout=600.0)
+        batch = StepBatch.uniform(1, 1, self.block_manager.block_size, [greedy], step_id=self._take_step_id())
+        workers.submit(batch)
+        workers.wait_for_result(batch.step_id, timeout=600.0)
+        workers.forget(batch.seq_ids)  # a made-up sequence: the first real step drops it
 
     def fail(self, reason: str) -> list[Sequence]:
         """Mark it down and stop its workers at once. Returns its unfinished sequences, holding no
@@ -157,6 +158,7 @@ class Replica:
             if not scheduled:
                 break
             batch = self._build_batch(scheduled)
+            self.workers.forget(self.block_manager.take_freed_seq_ids())
             self.workers.submit(batch)
             for observe in self.step_observers:
                 observe(batch)
@@ -187,16 +189,16 @@ class Replica:
         return results
 
     def _build_batch(self, scheduled: list[ScheduledSeq]) -> StepBatch:
-        token_ids, positions, sampling, scoring = [], [], [], []
+        token_ids, sampling, scoring = [], [], []
         for item in scheduled:
             token_ids.extend(item.seq.token_ids(item.start, item.end))
-            positions.extend(range(item.start, item.end))
             sampling.append(self._sampling(item.seq) if item.completes_known_tokens else None)
             scoring.append(self._prompt_scoring(item))
-        return StepBatch(step_id=self._take_step_id(), token_ids=token_ids, positions=positions,
-                         query_lens=[item.num_new_tokens for item in scheduled],
+        return StepBatch(step_id=self._take_step_id(), seq_ids=[item.seq.seq_id for item in scheduled],
+                         token_ids=token_ids, query_lens=[item.num_new_tokens for item in scheduled],
                          context_lens=[item.end for item in scheduled],
                          block_tables=[list(item.seq.block_table) for item in scheduled],
+                         sampled=[item.completes_known_tokens for item in scheduled],
                          sampling=sampling, prompt_scoring=scoring)
 
     def _sampling(self, seq: Sequence) -> SeqSampling:

@@ -1,5 +1,5 @@
 """The worker processes of one replica, as the driver sees them: spawn, wait until every one is
-ready (or say which one failed and why), broadcast steps, collect results, stop them all.
+ready (or say which one failed and why), send each its part of every step, collect results, stop them all.
 
 Every way a worker can fail reaches the driver as a `WorkerFailure` naming the worker and the cause:
 its exit (code or signal), a broken pipe, or the exception it reported. Each start rendezvouses on a
@@ -23,6 +23,7 @@ from hexcore.cluster.channel import receive
 from hexcore.cluster.head import ClusterHead, RemoteWorkerProcess
 from hexcore.executor.rendezvous import Rendezvous
 from hexcore.executor.specs import WorkerSpec
+from hexcore.executor.step_messages import Role, StepMessages
 from hexcore.hardware import WORKER_ENVIRONMENT
 from hexcore.worker.main import worker_main
 
@@ -69,6 +70,8 @@ class ReplicaWorkers:
         self.conns: list[Connection] = []
         self.stats: dict[int, WorkerStats] = {}
         self.num_kv_blocks = 0  # the replica's, once started
+        self.roles = [Role.of(spec) for spec in specs]  # by rank
+        self.step_messages = StepMessages(self.roles)  # what these workers know: new workers know nothing
 
     def start(self, num_kv_blocks: int | None, max_num_kv_blocks: int, timeout: float = 600.0) -> None:
         """Start every worker; once all hold their weights, give each the replica's KV block count:
@@ -144,12 +147,18 @@ class ReplicaWorkers:
         return [received[rank] for rank in sorted(received)]
 
     def submit(self, batch: StepBatch) -> None:
-        payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)  # once, for every worker
+        """Send each rank its role's message for the step, pickled once per role."""
+        payloads = {role: pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+                    for role, message in self.step_messages.build(batch).items()}
         for rank, conn in enumerate(self.conns):
             try:
-                conn.send_bytes(payload)
+                conn.send_bytes(payloads[self.roles[rank]])
             except OSError as err:  # a broken pipe: the worker is gone
                 raise self._failure(rank, f"broken pipe ({err.strerror or err})") from None
+
+    def forget(self, seq_ids: list[int]) -> None:
+        """Sequences whose blocks were freed: the workers drop what they keep of them with the next step."""
+        self.step_messages.forget(seq_ids)
 
     def wait_for_result(self, step_id: int, timeout: float) -> StepResult:
         """Block until step `step_id` comes back (only while no other step is in flight)."""

@@ -1,7 +1,7 @@
 """The entry point of a worker process: one per device. It joins its replica's torch.distributed
 world, creates every stage's TP group (identically on all ranks), loads only its own shard, reports
 how many KV blocks its host's budget leaves room for, allocates the count the driver chooses for the
-replica, reports ready, then runs the StepBatches the driver sends until told to stop."""
+replica, reports ready, then runs the steps the driver sends until told to stop."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ import torch.distributed as dist
 from hexcore.config import Device
 from hexcore.hardware import check_available, gloo_interface, kv_cache_budget_bytes, torch_device
 from hexcore.executor.rendezvous import join_store
-from hexcore.executor.messages import (AllocateKVCache, Shutdown, StatsRequest, StepBatch, WorkerFailed, WorkerLoaded,
-                                       WorkerReady)
+from hexcore.executor.messages import (AllocateKVCache, Shutdown, StatsRequest, StepMessage, WorkerFailed,
+                                       WorkerLoaded, WorkerReady)
 from hexcore.executor.specs import WorkerSpec
 from hexcore.model.files import resolve_model_dir
 from hexcore.model.parallel import TPGroup
+from hexcore.worker.seq_state import SeqStates
 from hexcore.worker.stage_runner import StageRunner, load_stage_runner
 
 _STARTUP_TIMEOUT = timedelta(minutes=5)
@@ -112,11 +113,12 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         assert isinstance(allocate, AllocateKVCache), allocate
         runner.allocate_kv_cache(allocate.num_blocks)
         conn.send(WorkerReady(spec.rank))
+        seqs = SeqStates()  # what this rank keeps of each sequence between steps
         while True:
             message = conn.recv()
-            if isinstance(message, StepBatch):
+            if isinstance(message, StepMessage):
                 step_id = message.step_id
-                _send_result(conn, runner.run(message))
+                _send_result(conn, runner.run(seqs.step(message)))
                 step_id = None
             elif isinstance(message, StatsRequest):
                 conn.send(runner.stats())

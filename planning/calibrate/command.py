@@ -7,6 +7,10 @@ token read, per step) that the cost model leaves unexplained on the engine's own
 (planning/calibrate/engine.py). The link is gloo between worker processes on this machine, with the
 all-reduce latency per TP degree measured. Every other thread count and worker count measured is
 kept as a comment in the file.
+
+With --nodes and the node agents up, `hexgen calibrate` measures a cluster instead: each node as one
+device (in a job on its host, at its cores' threads), gloo point-to-point between every pair of nodes,
+and writes the cluster file `hexgen plan --cluster` reads (planning/calibrate/cluster.py).
 """
 
 from __future__ import annotations
@@ -117,7 +121,6 @@ class Calibration:
 
     def device_file(self, name: str) -> DeviceFile:
         compute = self.device_compute
-        pair = self.links[0]  # two workers: the link the planner's alpha-beta model describes
         fit = self.overheads or OverheadFit(compute.tflops, self.overhead_ms_per_layer, 0.0, 0.0)
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
         return DeviceFile(
@@ -130,14 +133,21 @@ class Calibration:
             overhead_ms_per_step=round(fit.ms_per_step, 4),
             overhead_us_per_kv_token=round(fit.us_per_kv_token, 4),
             source=f"hexgen calibrate, {date}, {os.cpu_count()} cores, {self.num_threads} thread(s) per worker, {self.dtype}",
-            link=LinkSpec(
-                bandwidth_gbps=round(pair.p2p.bytes_per_second * 8 / 1e9, 3),
-                latency_ms=round(pair.p2p.latency_s * 1e3, 4),
-                allreduce_latency_ms=round(pair.all_reduce.latency_s * 1e3, 4),
-                allreduce_latency_ms_by_tp={link.num_workers: round(link.all_reduce.latency_s * 1e3, 4)
-                                            for link in self.links}
-                | {fit.tp: round(fit.allreduce_latency_s * 1e3, 4) for fit in self.tp_groups},
-            ),
+            link=self._worker_link(),
+        )
+
+    def _worker_link(self) -> LinkSpec | None:
+        """The link between workers on this machine, if measured."""
+        if not self.links:
+            return None
+        pair = self.links[0]  # two workers: the link the planner's alpha-beta model describes
+        return LinkSpec(
+            bandwidth_gbps=round(pair.p2p.bytes_per_second * 8 / 1e9, 3),
+            latency_ms=round(pair.p2p.latency_s * 1e3, 4),
+            allreduce_latency_ms=round(pair.all_reduce.latency_s * 1e3, 4),
+            allreduce_latency_ms_by_tp={link.num_workers: round(link.all_reduce.latency_s * 1e3, 4)
+                                        for link in self.links}
+            | {fit.tp: round(fit.allreduce_latency_s * 1e3, 4) for fit in self.tp_groups},
         )
 
 
@@ -156,8 +166,27 @@ def calibrate(dtype: str, num_threads: int, budget: Budget, log=lambda line: Non
     if budget.is_thread_sweep:
         powers_of_two = (1 << k for k in range(num_cores.bit_length()))
         thread_counts = sorted({num_threads, num_cores, *(n for n in powers_of_two if n <= num_cores)})
+    memory_gb = _total_memory_bytes() / 1e9 / (num_cores // num_threads)
+    calibration = measure_device(dtype, num_threads, memory_gb, budget, thread_counts, log)
+    calibration = dataclasses.replace(calibration, links=tuple(links))
+    if num_threads != 1:  # the TP stages measured run single-thread workers, as the fidelity check does
+        return calibration
+    model = BUILTIN_MODELS[MODEL_NAME].with_dtype(dtype)
+    tp_groups = []
+    for tp in budget.link_worker_counts:
+        if tp > 1 and model.num_heads % tp == 0 and model.num_kv_heads % tp == 0:
+            tp_groups.append(fit_tp_allreduce_latency(calibration.device_file("calibrating"), tp, model.num_layers, dtype))
+            log(f"engine TP {tp} stage: all-reduce {tp_groups[-1].allreduce_latency_s * 1e3:.3f} ms per call")
+    return dataclasses.replace(calibration, tp_groups=tuple(tp_groups))
+
+
+def measure_device(dtype: str, num_threads: int, memory_gb: float, budget: Budget, thread_counts=None,
+                   log=lambda line: None) -> Calibration:
+    """One worker of `num_threads` torch threads as a device (no links): compute and weight-scan rates
+    at each of `thread_counts` (default: only `num_threads`), one layer against its roofline, and the
+    engine's own stage with the overheads fitted to it."""
     compute = []
-    for threads in thread_counts:
+    for threads in thread_counts or [num_threads]:
         compute.append(measure_compute(dtype, threads, budget.matmul_size, budget.scan_bytes, budget.num_compute_reps))
         log(f"compute, {threads} thread(s): {compute[-1].tflops * 1e3:.1f} GFLOPS, {compute[-1].mem_bandwidth_gbs:.1f} GB/s")
     device_compute = next(c for c in compute if c.num_threads == num_threads)
@@ -165,7 +194,6 @@ def calibrate(dtype: str, num_threads: int, budget: Budget, log=lambda line: Non
     layers = _check_layers(model, dtype, num_threads, device_compute, budget)
     for check in layers:
         log(f"{check.label}: {check.measured_s * 1e3:.3f} ms measured, {check.roofline_s * 1e3:.3f} ms roofline")
-    memory_gb = _total_memory_bytes() / 1e9 / (num_cores // num_threads)
     engine = time_engine_stage(resolve_model_dir("default"), dtype, num_threads, budget.engine_shapes,
                                budget.num_engine_reps, budget.engine_layer_counts)
     device = DeviceSpec(memory_gb=memory_gb, tflops=device_compute.tflops,
@@ -175,16 +203,7 @@ def calibrate(dtype: str, num_threads: int, budget: Budget, log=lambda line: Non
     for t in faster_than_memory(engine, model, device):
         log(f"warning: {t.num_layers} layers, {t.shape.label} took {t.median_s * 1e3:.2f} ms, less than its memory "
             f"time at {device.mem_bandwidth_gbs:.1f} GB/s: the bandwidth measured low (a busy machine?); re-run")
-    calibration = Calibration(dtype, num_threads, memory_gb, tuple(compute), tuple(layers), tuple(links),
-                              tuple(engine), overheads)
-    if num_threads != 1:  # the TP stages measured run single-thread workers, as the fidelity check does
-        return calibration
-    tp_groups = []
-    for tp in budget.link_worker_counts:
-        if tp > 1 and model.num_heads % tp == 0 and model.num_kv_heads % tp == 0:
-            tp_groups.append(fit_tp_allreduce_latency(calibration.device_file("calibrating"), tp, model.num_layers, dtype))
-            log(f"engine TP {tp} stage: all-reduce {tp_groups[-1].allreduce_latency_s * 1e3:.3f} ms per call")
-    return dataclasses.replace(calibration, tp_groups=tuple(tp_groups))
+    return Calibration(dtype, num_threads, memory_gb, tuple(compute), tuple(layers), (), tuple(engine), overheads)
 
 
 def _check_layers(model: ModelSpec, dtype: str, num_threads: int, compute: ComputeMeasurement, budget: Budget) -> list[LayerCheck]:
@@ -212,11 +231,13 @@ def _alpha_beta(fit) -> str:
     return f"{fit.latency_s * 1e3:.3f} ms + bytes / {fit.bytes_per_second / 1e9:.2f} GB/s"
 
 
-def render(calibration: Calibration, name: str) -> str:
-    """The device spec as YAML, headed by comments with everything measured."""
+def render(calibration: Calibration, name: str, command: str | None = None,
+           memory_note: str = "RAM / (cores / threads per worker)") -> str:
+    """The device spec as YAML, headed by comments with everything measured (`command`: what ran it)."""
     c = calibration
+    command = command or f"hexgen calibrate --dtype {c.dtype} --threads-per-worker {c.num_threads}"
     lines = [
-        f"# `hexgen calibrate --dtype {c.dtype} --threads-per-worker {c.num_threads}` on {platform.node()}:",
+        f"# `{command}` on {platform.node()}:",
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"load average {os.getloadavg()[0]:.2f} at the end (other processes slow every figure).",
         "# Compute per worker (fastest of the repetitions; spread = (slowest - fastest) / fastest):",
@@ -244,7 +265,8 @@ def render(calibration: Calibration, name: str) -> str:
         lines.append("#   tflops (the engine's effective compute), overhead_ms_per_layer, overhead_us_per_kv_token, "
                      "overhead_ms_per_step:")
         lines.append("#   fitted to these under the roofline (planning/calibrate/engine.py).")
-    lines.append("# gloo between worker processes (1 thread each), alpha-beta fits of the mean time per call:")
+    if c.links:
+        lines.append("# gloo between worker processes (1 thread each), alpha-beta fits of the mean time per call:")
     for link in c.links:
         lines.append(f"#   {link.num_workers} workers: p2p {_alpha_beta(link.p2p)}; all-reduce {_alpha_beta(link.all_reduce)}")
         sizes = ", ".join(f"{size >> 10} KiB" for size in link.sizes)
@@ -255,7 +277,7 @@ def render(calibration: Calibration, name: str) -> str:
                      f"{fit.spread_s[0] * 1e3:.3f}-{fit.spread_s[1] * 1e3:.3f} ms) replaces the loop's figure for TP {fit.tp}")
         lines.append("#   (step time minus the cost model's time without all-reduce latency, over 2 * layers calls; "
                      "planning/calibrate/tp.py)")
-    lines.append("# `link:` is the 2-worker fit; memory_gb is RAM / (cores / threads per worker).")
+    lines.append(("# `link:` is the 2-worker fit; " if c.links else "# ") + f"memory_gb is {memory_note}.")
     spec = calibration.device_file(name).model_dump(exclude_none=True)
     spec = {"name": spec.pop("name"), **spec}
     return "\n".join(lines) + "\n" + yaml.safe_dump(spec, sort_keys=False, width=200)
@@ -266,9 +288,18 @@ def _ms_list(seconds: tuple[float, ...]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nodes is not None:
+        return run_across_hosts(args)
+    across = {"--node-name": args.node_name, "--cluster-host": args.cluster_host, "--cluster-port": args.cluster_port,
+              "--token-file": args.token_file, "--join-timeout": args.join_timeout,
+              "--num-cpus": args.num_cpus, "--memory-gb": args.memory_gb, "--one-at-a-time": args.one_at_a_time or None}
+    given = [flag for flag, value in across.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --nodes (calibrating a cluster)")
     budget = QUICK if args.quick else FULL
-    calibration = calibrate(args.dtype, args.threads_per_worker, budget, log=lambda line: print(line, file=sys.stderr, flush=True))
-    output = Path(args.output)
+    threads = 1 if args.threads_per_worker is None else args.threads_per_worker
+    calibration = calibrate(args.dtype, threads, budget, log=lambda line: print(line, file=sys.stderr, flush=True))
+    output = Path(args.output or DEFAULT_OUTPUT)
     output.parent.mkdir(parents=True, exist_ok=True)
     text = render(calibration, args.name or output.stem)
     output.write_text(text)
@@ -277,11 +308,52 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_across_hosts(args: argparse.Namespace) -> int:
+    from hexcore.config import ClusterSpec, validate_spec
+    from hexcore.cluster.jobs import JobFailed
+    from planning.calibrate import cluster
+
+    for flag, value in (("--threads-per-worker", args.threads_per_worker), ("--name", args.name)):
+        if value is not None:
+            raise ValueError(f"{flag} is for one machine; with --nodes each node is one device at its own cores "
+                             "(`hexgen node --num-cpus`) named NODE-cpu")
+    given = {"node_name": args.node_name, "host": args.cluster_host, "port": args.cluster_port,
+             "token_file": args.token_file, "join_timeout_seconds": args.join_timeout, "num_cpus": args.num_cpus,
+             "memory_gb": args.memory_gb}
+    head = validate_spec({field: value for field, value in given.items() if value is not None}, ClusterSpec,
+                         "cluster options")
+    nodes = [node.strip() for node in args.nodes.split(",") if node.strip()]
+    try:
+        output = cluster.calibrate_cluster(nodes, args.output or cluster.DEFAULT_OUTPUT, head, dtype=args.dtype,
+                                           is_quick=args.quick, is_one_at_a_time=args.one_at_a_time)
+    except JobFailed as err:
+        print(f"hexgen calibrate: error: {err}", file=sys.stderr)
+        return 1
+    print("\n".join(cluster.summary(output)))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("calibrate", help="measure this machine as a device and link spec", description=__doc__)
-    parser.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"device spec file to write (default {DEFAULT_OUTPUT})")
+    parser = subparsers.add_parser("calibrate", help="measure this machine (or, with --nodes, a cluster) for the planner",
+                                   description=__doc__)
+    parser.add_argument("-o", "--output", default=None,
+                        help=f"device spec file to write (default {DEFAULT_OUTPUT}); with --nodes, the cluster file "
+                             "(default configs/clusters/calibrated.yaml), its device files in STEM-devices/ beside it")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype in use (default float32)")
-    parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of one worker (default 1)")
+    parser.add_argument("--threads-per-worker", type=int, default=None, help="torch threads of one worker (default 1)")
     parser.add_argument("--name", default=None, help="device name in the file (default: the file's stem)")
     parser.add_argument("--quick", action="store_true", help="fewer, smaller measurements (~10 s, for tests)")
+    across = parser.add_argument_group("across hosts (agents up: `hexgen node --head HOST:PORT --name NODE` on each)")
+    across.add_argument("--nodes", metavar="NODE,NODE,...",
+                        help="measure these nodes (the head's own --node-name may be one) and every pair of them, "
+                             "and write a cluster file for `hexgen plan --cluster`")
+    across.add_argument("--node-name", help="this host's node name (default head)")
+    across.add_argument("--cluster-host", help="where the cluster port listens (default 127.0.0.1)")
+    across.add_argument("--cluster-port", type=int, help="the cluster port (default 8478)")
+    across.add_argument("--token-file", help="file holding the cluster token (else $HEXGEN_CLUSTER_TOKEN)")
+    across.add_argument("--join-timeout", type=float, help="seconds to wait for the nodes (default 120)")
+    across.add_argument("--num-cpus", type=int, help="cores the head's own node gives (if measured; default all)")
+    across.add_argument("--memory-gb", type=float, help="memory the head's own node gives (if measured; default all)")
+    across.add_argument("--one-at-a-time", action="store_true",
+                        help="profile one node at a time (for hosts emulated on one machine, which share its cores)")
     parser.set_defaults(func=run)

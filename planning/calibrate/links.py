@@ -90,15 +90,15 @@ def _worker(rank: int, num_workers: int, port: int, sizes: list[int], num_reps: 
         p2p, all_reduce = [], []
         for size in sizes:
             message = torch.zeros(max(1, size // 4), dtype=torch.float32)
-            p2p.append(_ping_pong(rank, message, num_reps) / 2)
-            all_reduce.append(_repeat(lambda: dist.all_reduce(message), num_reps))
+            p2p.append(ping_pong(rank, message, num_reps) / 2)
+            all_reduce.append(time_per_call(lambda: dist.all_reduce(message), num_reps))
         if rank == 0:
             Path(out).write_text(json.dumps({"p2p": p2p, "all_reduce": all_reduce}))
     finally:
         dist.destroy_process_group()
 
 
-def _ping_pong(rank: int, message: torch.Tensor, num_reps: int) -> float:
+def ping_pong(rank: int, message: torch.Tensor, num_reps: int, num_batches: int = 5) -> float:
     """Round-trip time between ranks 0 and 1 (other ranks only join the barriers)."""
     def round_trip() -> None:
         if rank == 0:
@@ -108,10 +108,10 @@ def _ping_pong(rank: int, message: torch.Tensor, num_reps: int) -> float:
             dist.recv(message, 0)
             dist.send(message, 0)
 
-    return _repeat(round_trip, num_reps)
+    return time_per_call(round_trip, num_reps, num_batches)
 
 
-def _repeat(fn, num_reps: int, num_batches: int = 5) -> float:
+def time_per_call(fn, num_reps: int, num_batches: int = 5) -> float:
     """Per-call time: the median over batches of `num_reps` back-to-back calls, each batch started
     together on every rank after one untimed warm-up call."""
     fn()

@@ -60,12 +60,14 @@ def test_preemption_frees_the_youngest_and_recomputes_it():
     assert [b.seq.seq_id for b in batch] == [0]
     assert young.status is SequenceStatus.WAITING and young.num_computed_tokens == 0 and young.block_table == []
     assert scheduler.waiting[0] is young and scheduler.num_preemptions == 1
+    assert blocks.take_freed_seq_ids() == [1] and blocks.take_freed_seq_ids() == []  # its workers drop it
     complete(batch)
     scheduler.finish(old, "stop")
     batch = scheduler.schedule(max_seqs=8)  # young comes back: prompt and its output token again
     assert [(b.seq.seq_id, b.start, b.end) for b in batch] == [(1, 0, 9)]
     scheduler.finish(young, "abort")
     assert blocks.num_free_blocks == blocks.num_blocks
+    assert blocks.take_freed_seq_ids() == [0, 1]  # finished, aborted
 
 
 def test_block_manager_grows_by_whole_blocks_and_frees_everything():

@@ -1,0 +1,1 @@
+from tests.cluster.conftest import emulated_cluster  # noqa: F401 (the fixture, for the calibration across hosts)
