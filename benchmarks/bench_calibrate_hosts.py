@@ -1,6 +1,6 @@
 """`hexgen calibrate --nodes` on three emulated hosts: each pair's measured link beside the rate it is shaped to.
 
-Hosts `head`, `a`, `b` are network namespaces of tests/cluster/harness.py (htb, bandwidth only) sharing this
+Hosts `head`, `a`, `b` are network namespaces of planning/emulation/harness.py (htb, bandwidth only) sharing this
 machine's cores; `a` and `b` run `hexgen node`, the head runs `hexgen calibrate --nodes head,a,b` in its namespace.
 Links are shaped to head <-> a 1000, head <-> b 200, a <-> b 50 Mbit/s (override with --mbit). Per pair: the shaped
 rate, the measured bandwidth and its ratio to the shaped rate, the measured latency (the emulated links add none:
@@ -39,7 +39,7 @@ def main() -> int:
         raise SystemExit("--mbit: three rates, head<->a,head<->b,a<->b")
     sys.path.insert(0, str(REPO))
     from planning.inputs.cluster import load_cluster
-    from tests.cluster.harness import EmulatedCluster, skip_reason
+    from planning.emulation.harness import EmulatedCluster, skip_reason
 
     reason = skip_reason()
     if reason:
