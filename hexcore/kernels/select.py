@@ -32,9 +32,8 @@ def linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
     table, so such a stage holds vocab x hidden floats twice (113 MB for SmolLM2).
 
     On CPU in bfloat16 without bfloat16 matmul units (AVX2: torch's bfloat16 GEMM is emulated there,
-    6-8x slower than float32), the same loop over the weight widened to float32: bfloat16 in and out,
-    float32 products and sums as a bfloat16 GEMM has, at the float32 loop's speed; the packed weight
-    then takes float32's memory."""
+    6-8x slower than float32), the same loop over bfloat16 panels, widened to float32 as they are
+    read: bfloat16 in and out, float32 products and sums as in a bfloat16 GEMM."""
     if _has_cpu_loops(weight.device, weight.dtype):
         from hexcore.kernels import panel_linear
 
@@ -47,9 +46,9 @@ def linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
     if _is_emulated_bfloat16(weight.device, weight.dtype):
         from hexcore.kernels import panel_linear
 
-        matmul = panel_linear.packed_linear(weight.float())
+        matmul = panel_linear.packed_linear(weight)
         if matmul is not None:
-            return lambda x: matmul(x.float()).to(x.dtype)
+            return matmul
     return lambda x: F.linear(x, weight)
 
 
