@@ -179,8 +179,10 @@ def peer_gguf(dtype: str) -> Path:
     outtype = {"float32": "f32", "bfloat16": "bf16"}[dtype]
     gguf = PEERS / f"SmolLM2-135M-Instruct-{outtype}.gguf"
     if not gguf.is_file():
-        subprocess.run([str(VllmServer.python), str(PEERS / "llama.cpp" / "convert_hf_to_gguf.py"),
-                        str(peer_model_dir()), "--outtype", outtype, "--outfile", str(gguf)], check=True)
+        converter = PEERS / "llama.cpp" / "convert_hf_to_gguf.py"  # with its own gguf-py, in the vLLM venv
+        env = {**os.environ, "PYTHONPATH": str(PEERS / "llama.cpp" / "gguf-py")}
+        subprocess.run([str(VllmServer.python), str(converter), str(peer_model_dir()), "--outtype", outtype,
+                        "--outfile", str(gguf)], check=True, env=env)
     return gguf
 
 

