@@ -27,6 +27,9 @@ import torch
 from hexcore.kernels.build import CppExtension
 
 PANEL_WIDTH = 16  # output columns per panel: two 8-float vectors
+# bfloat16 panels hold columns c and c + 8 side by side (0, 8, 1, 9, ...): one 32-bit lane holds a pair,
+# whose top half is column c + 8 as a float once the bottom is masked off, and column c shifted up.
+BFLOAT16_PAIRS = [c + half * 8 for c in range(8) for half in (0, 1)]
 
 _EXTENSION = CppExtension("hexgen_cpu_linear", "panel_linear.cpp", ["packed_linear"], "CPU packed-panel linear loop")
 
@@ -44,11 +47,19 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """x [..., K] -> x @ weight^T [..., N] for a float32 CPU weight [N, K], packed here once (the
-    caller drops the plain weight), or None where the loop cannot be built (built on first use on
-    this machine; later calls and processes reuse the build)."""
+    """x [..., K] -> x @ weight^T [..., N] for a float32 or bfloat16 CPU weight [N, K], packed here
+    once in its dtype (the caller drops the plain weight), or None where the loop cannot be built
+    (built on first use on this machine; later calls and processes reuse the build).
+
+    bfloat16 (for CPUs without bfloat16 matmul units): the loop widens each panel entry to float32
+    as it reads it (exact), x is widened before and the float32 result rounded to bfloat16 after,
+    so products and sums are float32 as in a bfloat16 GEMM, and the weight streams at 2 bytes."""
+    assert weight.dtype in (torch.float32, torch.bfloat16), f"no panel loop for {weight.dtype}"
     module = _EXTENSION.module()
     if module is None or weight.numel() == 0:  # an empty weight: F.linear's zeros serve
         return None
     packed, num_out = pack(weight), weight.shape[0]
+    if weight.dtype == torch.bfloat16:
+        packed = packed[..., BFLOAT16_PAIRS].contiguous()
+        return lambda x: module.packed_linear(x.float(), packed, num_out).to(torch.bfloat16)
     return lambda x: module.packed_linear(x, packed, num_out)

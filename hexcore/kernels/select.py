@@ -1,6 +1,7 @@
 """The one place that chooses kernels per device: a weight's linear kernel, the paged decode-attention
 kernel and the fused elementwise kernels. On CPU in float32 these are hexcore's compiled C++ loops
-(this folder; built on first use by build.py); everywhere else, torch's own ops."""
+(this folder; built on first use by build.py), and so are bfloat16 linear layers on CPUs without
+bfloat16 matmul units; everywhere else, torch's own ops."""
 
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ def linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
     oneDNN's blocked layout (at decode batch sizes MKL's plain GEMM re-packs the weight on every call,
     which costs it up to half its speed). Elsewhere: F.linear. A packed copy replaces the plain
     weight, except for a tied LM head on the stage that also embeds: the embedding keeps the plain
-    table, so such a stage holds vocab x hidden floats twice (113 MB for SmolLM2)."""
+    table, so such a stage holds vocab x hidden floats twice (113 MB for SmolLM2).
+
+    On CPU in bfloat16 without bfloat16 matmul units (AVX2: torch's bfloat16 GEMM is emulated there,
+    6-8x slower than float32), the same loop over bfloat16 panels, widened to float32 as they are
+    read: bfloat16 in and out, float32 products and sums as in a bfloat16 GEMM."""
     if _has_cpu_loops(weight.device, weight.dtype):
         from hexcore.kernels import panel_linear
 
@@ -38,7 +43,18 @@ def linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
         if torch.backends.mkldnn.is_available() and weight.numel() >= PACKED_WEIGHT_MIN_ELEMENTS:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_WEIGHT_BATCH_HINT)
             return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    if _is_emulated_bfloat16(weight.device, weight.dtype):
+        from hexcore.kernels import panel_linear
+
+        matmul = panel_linear.packed_linear(weight)
+        if matmul is not None:
+            return matmul
     return lambda x: F.linear(x, weight)
+
+
+def _is_emulated_bfloat16(device: torch.device, dtype: torch.dtype) -> bool:
+    """bfloat16 on a CPU whose oneDNN has no bfloat16 units to run it on (no AVX512-BF16 or AMX)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _has_cpu_loops(device: torch.device, dtype: torch.dtype) -> bool:

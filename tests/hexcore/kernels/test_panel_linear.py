@@ -83,3 +83,17 @@ def test_bad_inputs_raise_instead_of_reading_astray(linear):
 
 def test_an_empty_weight_is_left_to_torch(linear):
     assert linear(torch.randn(16, 0)) is None
+
+
+@pytest.mark.parametrize("num_rows", [1, 5, 32])
+def test_bfloat16_panels_compute_in_float32(linear, num_rows):
+    """bfloat16 weight and input: the products and sums of their (exactly widened) values in float32,
+    rounded to bfloat16 once at the end."""
+    generator = torch.Generator().manual_seed(num_rows)
+    weight = torch.randn(100, 576, generator=generator).bfloat16()  # a ragged last panel
+    x = torch.randn(num_rows, 576, generator=generator).bfloat16()
+    out = linear(weight)(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (num_rows, 100)
+    assert panel_linear.pack(weight).dtype == torch.bfloat16  # 2 bytes per weight, as loaded
+    expected = F.linear(x.float(), weight.float())
+    assert_within(out.float(), expected, matmul_tolerance(x.float(), weight.float()) + expected.abs() * 2**-8)

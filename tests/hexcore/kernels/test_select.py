@@ -52,4 +52,19 @@ def test_which_weights_get_which_kernel(kernel_choice):
     assert small.numel() < PACKED_WEIGHT_MIN_ELEMENTS
     # the loop takes every float32 CPU weight; oneDNN only those large enough to pay for its call
     assert _kernel_run(linear_kernel(small), x) == ("panels" if kernel_choice == "panels" else "F.linear")
-    assert _kernel_run(linear_kernel(torch.randn(64, 576, dtype=torch.bfloat16)), x.bfloat16()) == "F.linear"
+
+
+def test_bfloat16_without_bfloat16_units_runs_the_float32_loop():
+    """bfloat16 in and out; on a CPU without bfloat16 matmul units the panel loop computes it in float32
+    (where there are such units, or the loop cannot be built: F.linear)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(1024, 576, generator=generator).bfloat16()
+    x = torch.randn(32, 576, generator=generator).bfloat16()
+    kernel = linear_kernel(weight)
+    emulated = not torch.ops.mkldnn._is_mkldnn_bf16_supported() and panel_linear.packed_linear(torch.ones(1, 1))
+    assert _kernel_run(kernel, x) == ("panels" if emulated else "F.linear")
+    out = kernel(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (32, 1024)
+    expected = F.linear(x.float(), weight.float())  # the same bfloat16 values, products and sums in float32
+    tolerance = matmul_tolerance(x.float(), weight.float()) + expected.abs() * 2**-8  # + bfloat16's rounding
+    assert_within(out.float(), expected, tolerance)
