@@ -18,6 +18,7 @@ import uvicorn
 from sse_starlette.sse import AppStatus
 
 from hexcore.config import DeploymentConfig, load_config, parse_config, single_device_config
+from hexcore.cluster.head_options import add_head_arguments, given_cluster_fields
 from hexcore.model.files import resolve_model_dir
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -36,14 +37,7 @@ def register(subparsers) -> None:
                                           "/metrics, /version and /openapi.json")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     across = parser.add_argument_group("across hosts (the deployment file's `cluster:`; see `hexgen node`)")
-    across.add_argument("--node-name", help="this host's node name (default head): its devices run here")
-    across.add_argument("--cluster-host", help="where the cluster port listens (default 127.0.0.1)")
-    across.add_argument("--cluster-port", type=int, help="the cluster port (default 8478)")
-    across.add_argument("--token-file", help="file holding the cluster token (else $HEXGEN_CLUSTER_TOKEN)")
-    across.add_argument("--join-timeout", type=float, help="seconds to wait for the nodes (default 120)")
-    across.add_argument("--num-cpus", type=int, help="cores this host gives its workers (default: all)")
-    across.add_argument("--memory-gb", type=float,
-                        help="memory this host gives its workers, weights and KV cache (default: all its RAM)")
+    add_head_arguments(across)
     parser.set_defaults(func=run)
 
 
@@ -65,11 +59,7 @@ def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
     for field, value in (("host", args.host), ("port", args.port), ("api_key", args.api_key)):
         if value is not None:
             raw["server"][field] = value
-    for field, value in (("node_name", args.node_name), ("host", args.cluster_host), ("port", args.cluster_port),
-                         ("token_file", args.token_file), ("join_timeout_seconds", args.join_timeout),
-                         ("num_cpus", args.num_cpus), ("memory_gb", args.memory_gb)):
-        if value is not None:
-            raw["cluster"][field] = value
+    raw["cluster"].update(given_cluster_fields(args))
     return parse_config(raw, source=args.config or "command line")
 
 

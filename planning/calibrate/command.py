@@ -34,6 +34,7 @@ from planning.calibrate.links import LinkMeasurement, measure_links
 from planning.calibrate.tp import TPGroupFit, fit_tp_allreduce_latency
 from planning.cost.stage_cost import StageCost
 from planning.inputs.catalog import DeviceFile, DeviceSpec, LinkSpec
+from hexcore.cluster.head_options import FLAGS, add_head_arguments, given_cluster_fields
 from hexcore.model.files import resolve_model_dir
 from planning.inputs.models import BUILTIN_MODELS, ModelSpec
 
@@ -290,10 +291,7 @@ def _ms_list(seconds: tuple[float, ...]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.nodes is not None:
         return run_across_hosts(args)
-    across = {"--node-name": args.node_name, "--cluster-host": args.cluster_host, "--cluster-port": args.cluster_port,
-              "--token-file": args.token_file, "--join-timeout": args.join_timeout,
-              "--num-cpus": args.num_cpus, "--memory-gb": args.memory_gb, "--one-at-a-time": args.one_at_a_time or None}
-    given = [flag for flag, value in across.items() if value is not None]
+    given = [FLAGS[field] for field in given_cluster_fields(args)] + (["--one-at-a-time"] if args.one_at_a_time else [])
     if given:
         raise ValueError(f"{', '.join(given)}: only with --nodes (calibrating a cluster)")
     budget = QUICK if args.quick else FULL
@@ -317,11 +315,7 @@ def run_across_hosts(args: argparse.Namespace) -> int:
         if value is not None:
             raise ValueError(f"{flag} is for one machine; with --nodes each node is one device at its own cores "
                              "(`hexgen node --num-cpus`) named NODE-cpu")
-    given = {"node_name": args.node_name, "host": args.cluster_host, "port": args.cluster_port,
-             "token_file": args.token_file, "join_timeout_seconds": args.join_timeout, "num_cpus": args.num_cpus,
-             "memory_gb": args.memory_gb}
-    head = validate_spec({field: value for field, value in given.items() if value is not None}, ClusterSpec,
-                         "cluster options")
+    head = validate_spec(given_cluster_fields(args), ClusterSpec, "cluster options")
     nodes = [node.strip() for node in args.nodes.split(",") if node.strip()]
     try:
         output = cluster.calibrate_cluster(nodes, args.output or cluster.DEFAULT_OUTPUT, head, dtype=args.dtype,
@@ -347,13 +341,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     across.add_argument("--nodes", metavar="NODE,NODE,...",
                         help="measure these nodes (the head's own --node-name may be one) and every pair of them, "
                              "and write a cluster file for `hexgen plan --cluster`")
-    across.add_argument("--node-name", help="this host's node name (default head)")
-    across.add_argument("--cluster-host", help="where the cluster port listens (default 127.0.0.1)")
-    across.add_argument("--cluster-port", type=int, help="the cluster port (default 8478)")
-    across.add_argument("--token-file", help="file holding the cluster token (else $HEXGEN_CLUSTER_TOKEN)")
-    across.add_argument("--join-timeout", type=float, help="seconds to wait for the nodes (default 120)")
-    across.add_argument("--num-cpus", type=int, help="cores the head's own node gives (if measured; default all)")
-    across.add_argument("--memory-gb", type=float, help="memory the head's own node gives (if measured; default all)")
+    add_head_arguments(across)
     across.add_argument("--one-at-a-time", action="store_true",
                         help="profile one node at a time (for hosts emulated on one machine, which share its cores)")
     parser.set_defaults(func=run)
