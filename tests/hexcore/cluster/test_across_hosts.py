@@ -238,8 +238,8 @@ START = textwrap.dedent('''
 
 def test_each_host_sizes_its_workers_and_resolves_the_model_itself(three_hosts, tiny_model_dir, tmp_path):
     """Two-phase start: every worker reports what its host's budget (`hexgen node --memory-gb`) leaves
-    beside its weights and the replica takes the fewest; a host without the model, or whose budget cannot
-    hold the weights, fails the start with a message naming the device, its node and its host."""
+    beside its weights and the replica takes the fewest; a host without the model fails the start with a
+    message naming the device, its node and its host."""
     cluster = three_hosts
 
     def agent(name: str, *budget: str) -> subprocess.Popen:
@@ -269,11 +269,7 @@ def test_each_host_sizes_its_workers_and_resolves_the_model_itself(three_hosts, 
         output = start("only-on-head", tmp_path)
         assert "(device a/cpu) failed during startup: ValueError: on host" in output, output
         assert "model directory 'only-on-head' not found" in output, output
-        agents["a"].kill()
-        agents["a"].wait()
-        agents["a"] = agent("a", "--memory-gb", "0.0001")
-        output = start(str(tiny_model_dir), REPO)
-        assert "(device a/cpu) failed during startup" in output and "weights alone take" in output, output
+        # a budget below the weights fails the same way, saying so (tests/hexcore/test_hardware.py)
     finally:
         for process in agents.values():
             process.kill()
