@@ -23,7 +23,9 @@ from hexcore.hardware import HostBudget
 
 log = logging.getLogger("hexgen.node")
 
-MAX_BACKOFF_SECONDS = 30.0
+# a retry is one TCP connect: cheap enough every few seconds, and a new head (the next deployment) then
+# waits at most this long for its agents
+MAX_BACKOFF_SECONDS = 5.0
 
 
 class Refusal(Exception):
