@@ -100,12 +100,11 @@ class ReplicaWorkers:
                 if self.conns[rank] is None:
                     self.conns[rank] = self._remote_connection(spec, deadline)
             loaded = self._wait_for(WorkerLoaded, deadline)
-            fits = min(message.num_kv_blocks for message in loaded)
-            if fits < 1:
-                worst = min(loaded, key=lambda message: message.num_kv_blocks)
+            worst = min(loaded, key=lambda message: message.num_kv_blocks)
+            if worst.num_kv_blocks < 1:
                 raise WorkerStartupError(f"{self.specs[worst.rank].label} on host {worst.hostname!r} has no room "
                                          f"for a single KV block beside its weights")
-            self.num_kv_blocks = num_kv_blocks or min(fits, max_num_kv_blocks)
+            self.num_kv_blocks = num_kv_blocks or min(worst.num_kv_blocks, max_num_kv_blocks)
             log.info("replica %s: %d KV blocks (room for %s)", self.specs[0].replica, self.num_kv_blocks,
                      ", ".join(f"{m.num_kv_blocks} on rank {m.rank} ({m.hostname})" for m in loaded))
             for conn in self.conns:
