@@ -31,11 +31,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
-# HF runs in this process: give its OpenMP threads the wait policy the engine's workers get
-# (hexcore.hardware.WORKER_ENVIRONMENT), before torch loads OpenMP, so both sides are measured alike.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+import torch
 
 from hexcore.config import parse_config
 from hexcore.engine.llm import LLM

@@ -31,10 +31,13 @@ def torch_device(device: Device) -> torch.device:
     return torch.device(device.torch_name)
 
 
-# OpenMP threads that sleep rather than spin while waiting: a worker whose sibling thread is
-# descheduled (a busy machine, or more workers than cores) then loses little instead of most of its
-# speed (figures: BENCHMARKS.md, Engine throughput).
-WORKER_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+# Worker OpenMP threads keep libgomp's default wait: after a parallel region they spin a few ms
+# (GOMP_SPINCOUNT 300k) before sleeping, so the ~150 parallel regions of a decode step do not each pay a
+# thread wake-up (~100 us on a VM). Against sleeping at once (OMP_WAIT_POLICY=PASSIVE): batch-1 decode
+# 1.3-1.6x faster, 32 concurrent requests 1.14-1.30x (BENCHMARKS.md, "Against vLLM and llama.cpp"). On a
+# host whose cores are busy with other work, spinning threads take turns from their own team (a step 6x
+# slower with two busy processes on two cores): there, start the server or node agent with
+# OMP_WAIT_POLICY=PASSIVE; workers inherit its environment.
 
 
 def gloo_interface(store_host: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing as mp
-import os
 import pickle
 import signal
 import time
@@ -24,7 +23,6 @@ from hexcore.cluster.head import ClusterHead, RemoteWorkerProcess
 from hexcore.executor.rendezvous import Rendezvous
 from hexcore.executor.specs import WorkerSpec
 from hexcore.executor.step_messages import Role, StepMessages
-from hexcore.hardware import WORKER_ENVIRONMENT
 from hexcore.worker.main import worker_main
 
 log = logging.getLogger("hexgen.engine")
@@ -53,8 +51,6 @@ def describe_exit(exitcode: int | None) -> str:
 def worker_context():
     """Workers fork from a server process that has imported torch once, so each start is fast and
     nothing of the driver's state (threads, open files, CUDA) leaks into a worker."""
-    for name, value in WORKER_ENVIRONMENT.items():  # read by the forkserver when it starts
-        os.environ.setdefault(name, value)
     context = mp.get_context("forkserver")
     # the worker and what it imports to read the model's config (transformers' Llama module)
     context.set_forkserver_preload(["hexcore.worker.main", "transformers.models.llama.modeling_llama"])
