@@ -4,7 +4,8 @@ Every linear layer of SmolLM2-135M (30 x [qkv 960x576, o 576x576, gate_up 3072x5
 then the tied LM head 49152x576), each with its own random float32 weight, so that, as in a real
 step, weights come from memory (425 MB of layers, far beyond L3), not from cache. For each batch size
 (rows) and thread count: the wall time of one pass over the layers and of the head, the best of
-interleaved repetitions, and the panel loop's speed-up.
+interleaved repetitions, and the panel loop's speed-up; then, per thread count, how long merely
+reading that many bytes takes (the memory floor of a 1-row step).
 
     .venv/bin/python -m benchmarks.bench_linear [--threads 1 2] [--rows 1 16 32 512] [--repeats 5]
 """
@@ -36,6 +37,12 @@ def seconds(matmuls, inputs) -> float:
     return time.perf_counter() - start
 
 
+def memory_floor_seconds(weights: list[torch.Tensor], repeats: int) -> float:
+    """How long reading the weights' bytes once takes at this machine's memory bandwidth (best of `repeats`)."""
+    flat = torch.ones(sum(w.numel() for w in weights))
+    return min(seconds([torch.sum], [flat]) for _ in range(repeats + 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -64,6 +71,8 @@ def main() -> None:
                   f" {layer_flops / best['panels', 'layers'] / 1e9:>7.1f} |"
                   f" {best['oneDNN', 'head'] * 1e3:>15.1f} {best['panels', 'head'] * 1e3:>7.1f}"
                   f" {best['oneDNN', 'head'] / best['panels', 'head']:>7.2f}x")
+        print(f"{threads:>7} threads: reading as many bytes as layers + head (torch.sum over one buffer) takes"
+              f" {memory_floor_seconds(weights, args.repeats) * 1e3:.1f} ms: the floor of a 1-row step's linear layers")
 
 
 if __name__ == "__main__":

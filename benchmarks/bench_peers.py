@@ -59,6 +59,9 @@ class Result:
     batch1_ms_per_token: float = 0.0
     peak_rss_mb: float = 0.0
     load_average: float = 0.0  # 1-minute, when the server's measurements ended
+    # the tok/s run at --ttft-concurrency: its wall time and each process's CPU time (summed by name)
+    wall_seconds: float = 0.0
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     note: str = ""
 
 
@@ -205,6 +208,37 @@ def start(name: str, dtype: str, port: int, workdir: Path, args: argparse.Namesp
 # the client
 
 
+def process_tree(root_pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def cpu_seconds_by_name(root_pid: int) -> dict[str, float]:
+    """CPU time (user + system, all threads) so far of each process of a tree, summed per process name
+    (where a server's time goes: its HTTP / scheduling process against the processes running the model)."""
+    tick, seconds = os.sysconf("SC_CLK_TCK"), {}
+    for pid in process_tree(root_pid):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1: stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
 class RssSampler:
     """Peak resident memory of a process tree, summed over its processes, sampled every 0.2 s."""
 
@@ -214,27 +248,11 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _tree(self) -> list[int]:
-        children: dict[int, list[int]] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                children.setdefault(ppid, []).append(int(entry.name))
-        tree, todo = [], [self.root_pid]
-        while todo:
-            pid = todo.pop()
-            tree.append(pid)
-            todo += children.get(pid, [])
-        return tree
-
     def _run(self) -> None:
         page = os.sysconf("SC_PAGE_SIZE")
         while not self._stop.wait(0.2):
             total = 0
-            for pid in self._tree():
+            for pid in process_tree(self.root_pid):
                 try:
                     total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
                 except (OSError, IndexError):
@@ -319,8 +337,13 @@ def measure(server: Server, dtype: str, args: argparse.Namespace, rng: random.Ra
     asyncio.run(throughput(server, model, new(8), args.output_len, 8))  # warm-up (compiles, first-use builds)
     for concurrency in args.concurrency:
         num_prompts = concurrency if concurrency > 1 else args.batch1_requests
+        cpu_before, started = cpu_seconds_by_name(server.process.pid), time.perf_counter()
         result.tokens_per_second[concurrency] = asyncio.run(
             throughput(server, model, new(num_prompts), args.output_len, concurrency))
+        if concurrency == args.ttft_concurrency:
+            result.wall_seconds = time.perf_counter() - started
+            result.cpu_seconds = {name: seconds - cpu_before.get(name, 0.0)
+                                  for name, seconds in cpu_seconds_by_name(server.process.pid).items()}
         print(f"  {server.name} {dtype} @{concurrency}: {result.tokens_per_second[concurrency]:.1f} tok/s "
               f"(load {os.getloadavg()[0]:.2f})", flush=True)
     timed = asyncio.run(latencies(server, model, new(args.ttft_concurrency), args.output_len))
@@ -352,17 +375,35 @@ def format_table(results: list[Result], concurrency: list[int], ttft_concurrency
     return "\n".join(lines)
 
 
-def ratios(results: list[Result], concurrency: list[int]) -> str:
-    """hexgen against each peer in the same dtype, at the headline concurrency and batch 1."""
-    lines = []
-    by_key = {(r.server, r.dtype): r for r in results if not r.note}
-    for (server, dtype), r in by_key.items():
-        ours = by_key.get(("hexgen", dtype))
-        if server == "hexgen" or ours is None:
+def format_cpu_split(results: list[Result], concurrency: int) -> str:
+    """Where each server's CPU went during its @concurrency run: per process name, as CPU seconds and as
+    a share of the 2 cores over the run's wall time."""
+    lines = [f"CPU time by process over the tok/s @{concurrency} run (seconds; share of {NUM_THREADS} cores x wall):"]
+    for r in results:
+        if r.note or not r.wall_seconds:
             continue
-        parts = [f"tok/s @{c} {ours.tokens_per_second[c] / r.tokens_per_second[c]:.2f}x" for c in concurrency]
-        parts.append(f"batch-1 ms/tok {ours.batch1_ms_per_token / r.batch1_ms_per_token:.2f}x (lower is better)")
-        lines.append(f"hexgen / {server} ({dtype}): " + ", ".join(parts))
+        top = sorted(r.cpu_seconds.items(), key=lambda item: -item[1])
+        parts = [f"{name} {seconds:.1f}" for name, seconds in top if seconds >= 0.05]
+        busy = sum(r.cpu_seconds.values()) / (NUM_THREADS * r.wall_seconds)
+        lines.append(f"  {r.server} {r.dtype}: wall {r.wall_seconds:.1f}; " + ", ".join(parts) + f"; cores busy {busy:.0%}")
+    return "\n".join(lines)
+
+
+def ratios(results: list[Result], concurrency: list[int]) -> str:
+    """hexgen against each peer in the same dtype, at every concurrency and batch 1: one ratio per
+    hexgen run (a list of servers may run hexgen before and after its peers, to bracket the drift)."""
+    lines = []
+    measured = [r for r in results if not r.note]
+    for r in measured:
+        ours = [o for o in measured if o.server == "hexgen" and o.dtype == r.dtype]
+        if r.server == "hexgen" or not ours:
+            continue
+        spread = lambda values: " / ".join(f"{v:.2f}" for v in values) + "x"  # noqa: E731
+        parts = [f"tok/s @{c} " + spread([o.tokens_per_second[c] / r.tokens_per_second[c] for o in ours])
+                 for c in concurrency]
+        parts.append("batch-1 ms/tok " + spread([o.batch1_ms_per_token / r.batch1_ms_per_token for o in ours])
+                     + " (lower is better)")
+        lines.append(f"hexgen / {r.server} ({r.dtype}): " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -416,6 +457,7 @@ def main() -> None:
           f"prefix caching off, {NUM_THREADS} threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(format_table(results, args.concurrency, args.ttft_concurrency))
     print(ratios(results, args.concurrency))
+    print(format_cpu_split(results, args.ttft_concurrency))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))
     if all(not r.note for r in results):  # else the servers' logs stay for a look
