@@ -133,6 +133,8 @@ def breakdown(runner: StageRunner, batch: StepBatch, repeats: int) -> None:
     ops_total = sum(by_category.values())
     print(f"    {'python and dispatch (wall - op time)':<42}{1e3 * max(0.0, wall - ops_total):8.1f} ms  "
           f"{max(0.0, wall - ops_total) / wall:6.1%}   (op times carry some profiler overhead)")
+    num_ops = sum(event.count for event in prof.key_averages()) / repeats
+    print(f"  {num_ops:.0f} torch ops per step (nested calls included), {1e6 * wall / num_ops:.1f} us of wall each")
     print("  top ops: " + ", ".join(f"{name} {1e3 * s:.1f} ms" for name, s in
                                     sorted(by_op.items(), key=lambda kv: -kv[1])[:8]))
 
@@ -187,9 +189,10 @@ def main() -> None:
         batch = step_batch(batch_size, 1, args.context, dims.vocab_size)
         breakdown(runner, batch, args.repeats)
         driver_costs(batch, 20)
-    print(f"\nprefill step: {args.prefill_tokens // 128} sequences x 128 prompt tokens")
-    breakdown(runner, step_batch(args.prefill_tokens // 128, 128, 128, dims.vocab_size),
-              max(1, args.repeats // 2))
+    if args.prefill_tokens >= 128:  # --prefill-tokens 0: decode steps only
+        print(f"\nprefill step: {args.prefill_tokens // 128} sequences x 128 prompt tokens")
+        breakdown(runner, step_batch(args.prefill_tokens // 128, 128, 128, dims.vocab_size),
+                  max(1, args.repeats // 2))
 
 
 if __name__ == "__main__":
