@@ -1,6 +1,14 @@
 """Every device and backend choice in one place: which torch device a worker computes on, which
 torch.distributed backend its replica uses, how many threads it may take and how much memory it may
-give to the KV cache. Which kernels a device runs is chosen in hexcore/kernels/select.py."""
+give to the KV cache. Which kernels a device runs is chosen in hexcore/kernels/select.py.
+
+How a worker's OpenMP threads wait is left to libgomp's default: after a parallel region they spin a few
+ms (GOMP_SPINCOUNT 300k) before sleeping, so the ~150 parallel regions of a decode step do not each pay a
+thread wake-up. Against sleeping at once (OMP_WAIT_POLICY=PASSIVE): batch-1 decode 1.3-1.6x faster, 32
+concurrent requests 1.14-1.30x (BENCHMARKS.md, "Against vLLM and llama.cpp"). On a host whose cores are
+busy with other work, spinning threads take turns from their own team (a step 6x slower with two busy
+processes on two cores): there, start the server or node agent with OMP_WAIT_POLICY=PASSIVE; workers
+inherit its environment."""
 
 from __future__ import annotations
 
@@ -29,15 +37,6 @@ def check_available(device: Device) -> None:
 
 def torch_device(device: Device) -> torch.device:
     return torch.device(device.torch_name)
-
-
-# Worker OpenMP threads keep libgomp's default wait: after a parallel region they spin a few ms
-# (GOMP_SPINCOUNT 300k) before sleeping, so the ~150 parallel regions of a decode step do not each pay a
-# thread wake-up (~100 us on a VM). Against sleeping at once (OMP_WAIT_POLICY=PASSIVE): batch-1 decode
-# 1.3-1.6x faster, 32 concurrent requests 1.14-1.30x (BENCHMARKS.md, "Against vLLM and llama.cpp"). On a
-# host whose cores are busy with other work, spinning threads take turns from their own team (a step 6x
-# slower with two busy processes on two cores): there, start the server or node agent with
-# OMP_WAIT_POLICY=PASSIVE; workers inherit its environment.
 
 
 def gloo_interface(store_host: str) -> str:

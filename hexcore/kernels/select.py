@@ -34,21 +34,16 @@ def linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
     On CPU in bfloat16 without bfloat16 matmul units (AVX2: torch's bfloat16 GEMM is emulated there,
     6-8x slower than float32), the same loop over bfloat16 panels, widened to float32 as they are
     read: bfloat16 in and out, float32 products and sums as in a bfloat16 GEMM."""
-    if _has_cpu_loops(weight.device, weight.dtype):
+    is_float32_loop = _has_cpu_loops(weight.device, weight.dtype)
+    if is_float32_loop or _is_emulated_bfloat16(weight.device, weight.dtype):
         from hexcore.kernels import panel_linear
 
         matmul = panel_linear.packed_linear(weight)
         if matmul is not None:
             return matmul
-        if torch.backends.mkldnn.is_available() and weight.numel() >= PACKED_WEIGHT_MIN_ELEMENTS:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_WEIGHT_BATCH_HINT)
-            return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-    if _is_emulated_bfloat16(weight.device, weight.dtype):
-        from hexcore.kernels import panel_linear
-
-        matmul = panel_linear.packed_linear(weight)
-        if matmul is not None:
-            return matmul
+    if is_float32_loop and torch.backends.mkldnn.is_available() and weight.numel() >= PACKED_WEIGHT_MIN_ELEMENTS:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_WEIGHT_BATCH_HINT)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     return lambda x: F.linear(x, weight)
 
 
