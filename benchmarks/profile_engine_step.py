@@ -32,6 +32,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
 
 # aten op name -> category; first matching prefix wins (self CPU time is summed per category).
 CATEGORIES = (
+    ("fused layer halves (all of a half's work)", ("hexcore::attention_block", "hexcore::mlp_block")),
     ("linear (matmul)", ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear",
                          "mkldnn::_linear_pointwise", "hexcore::linear")),
     ("KV gather (cache[block_tables])", ("aten::index",)),
@@ -62,11 +63,14 @@ def categorise(name: str) -> str:
 
 
 def _label_compiled_loops(runner: StageRunner) -> None:
-    """hexcore's compiled C++ loops (linear layers, decode attention, RMSNorm, SiLU-and-mul) are no
-    torch ops: name them for the profiler here, so that the engine's own hot path carries no labels."""
+    """hexcore's compiled C++ loops (linear layers, decode attention, RMSNorm, SiLU-and-mul, fused layer
+    halves) are no torch ops: name them for the profiler here, so that the engine's own hot path carries
+    no labels."""
+    from types import SimpleNamespace
+
     from hexcore.kernels.elementwise import ElementwiseKernels
     from hexcore.model.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
-    from hexcore.model.llama import LlamaMLP, RMSNorm
+    from hexcore.model.llama import FusedLlamaDecoderLayer, LlamaMLP, RMSNorm
 
     def labelled(name, fn):
         def call(*args):
@@ -79,6 +83,11 @@ def _label_compiled_loops(runner: StageRunner) -> None:
             module.matmul = labelled("hexcore::linear", module.matmul)  # whichever kernel it chose
     if runner.decode_kernel is not None:
         runner.decode_kernel = labelled("hexcore::paged_decode_attention", runner.decode_kernel)
+    for module in runner.model.modules():
+        if isinstance(module, FusedLlamaDecoderLayer):
+            module.kernels = SimpleNamespace(
+                attention_block=labelled("hexcore::attention_block", module.kernels.attention_block),
+                mlp_block=labelled("hexcore::mlp_block", module.kernels.mlp_block))
     modules = [m for m in runner.model.modules() if isinstance(m, (RMSNorm, LlamaMLP)) and m.kernels is not None]
     if modules:
         kernels = modules[0].kernels

@@ -37,10 +37,14 @@ def _cpu_flags() -> str:
 
 
 class CppExtension:
-    """One C++ source file (a name in csrc/) and the functions it exports, built on first use."""
+    """One C++ source file (a name in csrc/) and the functions it exports, built on first use. A source
+    that calls another file's functions names it in `includes`: that file's text is compiled before its
+    own, in the same build (and an edit to either builds anew)."""
 
-    def __init__(self, prefix: str, source_file: str, functions: list[str], description: str):
+    def __init__(self, prefix: str, source_file: str, functions: list[str], description: str,
+                 includes: tuple[str, ...] = ()):
         self.prefix, self.source_file, self.functions, self.description = prefix, source_file, functions, description
+        self.includes = includes
         self._lock = threading.Lock()
         self._module = None
         self._is_loaded = False
@@ -51,8 +55,8 @@ class CppExtension:
 
     @property
     def source(self) -> str:
-        """The C++ text, read from its file on each call (the build reads it once)."""
-        return self.source_path.read_text(encoding="utf-8")
+        """The C++ text (its includes' first), read from the files on each call (the build reads it once)."""
+        return "\n".join((SOURCE_DIR / name).read_text(encoding="utf-8") for name in (*self.includes, self.source_file))
 
     @property
     def build_name(self) -> str:

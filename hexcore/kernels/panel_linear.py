@@ -21,6 +21,7 @@ csrc/panel_linear.cpp; `packed_linear()` returns None where the loop cannot be b
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -46,7 +47,21 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+@dataclass(frozen=True)
+class PanelLinear:
+    """x [..., K] -> x @ weight^T [..., N] over the weight's panels (the C++ of fused layers reads them too)."""
+
+    panels: torch.Tensor  # [ceil(N / 16), K, 16]: float32, or bfloat16 paired (BFLOAT16_PAIRS)
+    num_out: int  # N
+    run: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # the C++ loop: (x, panels, N)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.panels.dtype == torch.bfloat16:
+            return self.run(x.float(), self.panels, self.num_out).to(torch.bfloat16)
+        return self.run(x, self.panels, self.num_out)
+
+
+def packed_linear(weight: torch.Tensor) -> PanelLinear | None:
     """x [..., K] -> x @ weight^T [..., N] for a float32 or bfloat16 CPU weight [N, K], packed here
     once in its dtype (the caller drops the plain weight), or None where the loop cannot be built
     (built on first use on this machine; later calls and processes reuse the build).
@@ -58,8 +73,7 @@ def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
     module = _EXTENSION.module()
     if module is None or weight.numel() == 0:  # an empty weight: F.linear's zeros serve
         return None
-    packed, num_out = pack(weight), weight.shape[0]
+    packed = pack(weight)
     if weight.dtype == torch.bfloat16:
         packed = packed[..., BFLOAT16_PAIRS].contiguous()
-        return lambda x: module.packed_linear(x.float(), packed, num_out).to(torch.bfloat16)
-    return lambda x: module.packed_linear(x, packed, num_out)
+    return PanelLinear(packed, weight.shape[0], module.packed_linear)

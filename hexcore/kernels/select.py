@@ -1,7 +1,7 @@
 """The one place that chooses kernels per device: a weight's linear kernel, the paged decode-attention
-kernel and the fused elementwise kernels. On CPU in float32 these are hexcore's compiled C++ loops
-(this folder; built on first use by build.py), and so are bfloat16 linear layers on CPUs without
-bfloat16 matmul units; everywhere else, torch's own ops."""
+kernel, the fused elementwise kernels and the fused decoder-layer halves. On CPU in float32 these are
+hexcore's compiled C++ loops (this folder; built on first use by build.py), and so are bfloat16 linear
+layers on CPUs without bfloat16 matmul units; everywhere else, torch's own ops."""
 
 from __future__ import annotations
 
@@ -77,13 +77,24 @@ def elementwise_kernels(device: torch.device, dtype: torch.dtype) -> Elementwise
     return None
 
 
+def fused_layer_kernels(device: torch.device, dtype: torch.dtype):
+    """A decoder layer's halves as one C++ call each (hexcore/kernels/fused_layer.py) on CPU in float32,
+    where they build; None elsewhere: the layer's ops one by one."""
+    if _has_cpu_loops(device, dtype):
+        from hexcore.kernels import fused_layer
+
+        return fused_layer.load()
+    return None
+
+
 def build_cpu_kernels() -> None:
     """Compile (or load) every CPU loop now, so the first worker does not wait for the compiler
     (`python -m hexcore.kernels.select`, run by `make install`). Without a compiler each logs a
     warning and the torch path serves."""
-    from hexcore.kernels import elementwise, paged_attention, panel_linear
+    from hexcore.kernels import elementwise, fused_layer, paged_attention, panel_linear
 
     elementwise.load()
+    fused_layer.load()
     paged_attention.load()
     panel_linear.packed_linear(torch.zeros(1, 1))
 

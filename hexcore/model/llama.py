@@ -18,7 +18,8 @@ from torch import nn
 
 from hexcore.model.attention import AttentionMetadata, paged_attention
 from hexcore.kernels.elementwise import ElementwiseKernels
-from hexcore.kernels.select import elementwise_kernels
+from hexcore.kernels.panel_linear import PanelLinear
+from hexcore.kernels.select import elementwise_kernels, fused_layer_kernels
 from hexcore.model.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
 from hexcore.model.parallel import TPGroup, shard_range
 from hexcore.model.weights import Checkpoint
@@ -163,8 +164,43 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_norm(x))
 
 
+class FusedLlamaDecoderLayer(nn.Module):
+    """A LlamaDecoderLayer whose halves each run as one C++ call (hexcore/kernels/fused_layer.py): the MLP
+    half in every step, the attention half in steps where every sequence decodes (steps with prompt
+    chunks take the layer's own attention). The same loops over the same weights as the layer's own
+    path: only the torch ops issued from Python between them are gone."""
+
+    def __init__(self, layer: LlamaDecoderLayer, kernels):
+        super().__init__()
+        self.layer, self.kernels = layer, kernels
+        attention, mlp = layer.attention, layer.mlp
+        self.tp = attention.o.tp
+        self.attention_weights = (layer.input_norm.weight, layer.input_norm.eps, attention.qkv.matmul.panels,
+                                  attention.o.matmul.panels)
+        self.mlp_weights = (layer.post_norm.weight, layer.post_norm.eps, mlp.gate_up.matmul.panels,
+                            mlp.down.matmul.panels)
+
+    @staticmethod
+    def can_fuse(layer: LlamaDecoderLayer) -> bool:
+        """Its linear layers run the float32 panel loop, whose panels the fused calls read."""
+        linears = (layer.attention.qkv, layer.attention.o, layer.mlp.gate_up, layer.mlp.down)
+        return all(isinstance(linear.matmul, PanelLinear) and linear.matmul.panels.dtype == torch.float32
+                   for linear in linears)
+
+    def forward(self, x, cos, signed_sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        attention = self.layer.attention
+        if meta.is_all_decode:
+            attended = self.kernels.attention_block(
+                x, *self.attention_weights, cos, signed_sin, kv_cache[0], kv_cache[1], meta.slot_mapping,
+                meta.decode_block_tables, meta.decode_context_lens, attention.num_heads, attention.scale)
+            x = x + self.tp.all_reduce(attended)
+        else:
+            x = x + attention(self.layer.input_norm(x), cos, signed_sin, kv_cache, meta)
+        return x + self.tp.all_reduce(self.kernels.mlp_block(x, *self.mlp_weights))
+
+
 class LlamaStage(nn.Module):
-    def __init__(self, dims: LlamaDims, first_layer: int, layers: list[LlamaDecoderLayer],
+    def __init__(self, dims: LlamaDims, first_layer: int, layers: list[nn.Module],
                  embed: VocabParallelEmbedding | None, norm: RMSNorm | None,
                  lm_head: VocabParallelLMHead | None, cos: torch.Tensor, signed_sin: torch.Tensor):
         super().__init__()
@@ -206,6 +242,7 @@ def load_stage(checkpoint: Checkpoint, dims: LlamaDims, rope: RopeSpec, first_la
     kv_rows = (tp.rank * kv_heads * dims.head_dim, (tp.rank + 1) * kv_heads * dims.head_dim)
     mlp_rows = shard_range(dims.intermediate_size, tp.rank, tp.size)
     kernels = elementwise_kernels(checkpoint.device, checkpoint.dtype)
+    fused = fused_layer_kernels(checkpoint.device, checkpoint.dtype)
 
     def norm(name: str) -> RMSNorm:
         return RMSNorm(checkpoint.full(name), dims.rms_norm_eps, kernels)
@@ -223,8 +260,10 @@ def load_stage(checkpoint: Checkpoint, dims: LlamaDims, rope: RopeSpec, first_la
                                    heads, kv_heads, dims.head_dim)
         mlp = LlamaMLP(ColumnParallelLinear(gate_up),
                        RowParallelLinear(checkpoint.cols(p + "mlp.down_proj.weight", *mlp_rows), tp), kernels)
-        layers.append(LlamaDecoderLayer(norm(p + "input_layernorm.weight"), attention,
-                                        norm(p + "post_attention_layernorm.weight"), mlp))
+        layer = LlamaDecoderLayer(norm(p + "input_layernorm.weight"), attention,
+                                  norm(p + "post_attention_layernorm.weight"), mlp)
+        is_fused = fused is not None and FusedLlamaDecoderLayer.can_fuse(layer)
+        layers.append(FusedLlamaDecoderLayer(layer, fused) if is_fused else layer)
 
     vocab_shard = -(-dims.vocab_size // tp.size)  # ceil: every rank but the last holds this many rows
     vocab_rows = (min(tp.rank * vocab_shard, dims.vocab_size), min((tp.rank + 1) * vocab_shard, dims.vocab_size))

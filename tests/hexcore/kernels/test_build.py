@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from hexcore.kernels import build, elementwise, paged_attention, panel_linear
+from hexcore.kernels import build, elementwise, fused_layer, paged_attention, panel_linear
 from hexcore.kernels.build import CppExtension
 
-EXTENSIONS = [panel_linear._EXTENSION, paged_attention._EXTENSION, elementwise._EXTENSION]
+EXTENSIONS = [panel_linear._EXTENSION, paged_attention._EXTENSION, elementwise._EXTENSION, fused_layer._EXTENSION]
 
 
 @pytest.mark.parametrize("extension", EXTENSIONS, ids=lambda extension: extension.source_file)
@@ -26,6 +26,18 @@ def test_an_edited_source_gets_a_build_of_its_own(tmp_path, monkeypatch):
     extension = CppExtension("hexgen_test", "elementwise.cpp", ["rms_norm"], "test loop")
     before = extension.build_name
     assert before == extension.build_name  # the same text: the same build
+    with open(tmp_path / "elementwise.cpp", "a") as source:
+        source.write("// edited\n")
+    assert extension.build_name != before
+
+
+def test_an_edited_include_gets_a_build_of_its_own(tmp_path, monkeypatch):
+    for name in ("elementwise.cpp", "fused_layer.cpp"):
+        shutil.copy(build.SOURCE_DIR / name, tmp_path / name)
+    monkeypatch.setattr(build, "SOURCE_DIR", tmp_path)
+    extension = CppExtension("hexgen_test", "fused_layer.cpp", ["mlp_block"], "test loop", includes=("elementwise.cpp",))
+    before = extension.build_name
+    assert extension.source.index(" rms_norm(") < extension.source.index(" mlp_block(")  # includes come first
     with open(tmp_path / "elementwise.cpp", "a") as source:
         source.write("// edited\n")
     assert extension.build_name != before
