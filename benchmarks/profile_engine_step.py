@@ -7,7 +7,7 @@ prefill step of the token budget. torch.profiler attributes each aten op's self 
 wall time is Python. The driver's per-step work (building and pickling a step message, detokenizing)
 and what the profiler cannot see (IPC) are timed separately.
 
-    .venv/bin/python -m benchmarks.profile_engine_step [--threads 2] [--batch 32] [--context 192]
+    .venv/bin/python -m benchmarks.profile_engine_step [--threads 2] [--batch 32] [--context 192] [--compare-unfused]
 """
 
 from __future__ import annotations
@@ -101,7 +101,6 @@ def build_runner(num_blocks: int, max_model_len: int) -> tuple[StageRunner, Llam
     model_dir = resolve_model_dir("default")
     dims, _rope = read_model_config(model_dir)
     runner = single_rank_runner(model_dir, dims.num_layers, "float32", num_blocks, BLOCK_SIZE, max_model_len)
-    _label_compiled_loops(runner)
     return runner, dims
 
 
@@ -179,6 +178,31 @@ def driver_costs(batch: StepBatch, repeats: int) -> None:
           f"{1e3 * detok:.2f} ms")
 
 
+def fused_against_unfused(runner: StageRunner, batch: StepBatch, repeats: int, rounds: int = 5) -> None:
+    """The step's wall time with the fused layer halves (hexcore/kernels/fused_layer.py) and with the
+    layers' own ops, in interleaved rounds (before any profiler labels, which would weigh on the
+    unfused path's many calls)."""
+    from torch import nn
+
+    from hexcore.model.llama import FusedLlamaDecoderLayer
+
+    fused = runner.model.layers
+    if not any(isinstance(layer, FusedLlamaDecoderLayer) for layer in fused):
+        print("  no fused layers on this device and dtype")
+        return
+    unfused = nn.ModuleList([getattr(layer, "layer", layer) for layer in fused])
+    times: dict[str, list[float]] = {"fused": [], "unfused": []}
+    for _ in range(rounds):
+        for name, layers in (("fused", fused), ("unfused", unfused)):
+            runner.model.layers = layers
+            times[name].append(time_runs(lambda: runner.run(batch), repeats))
+    runner.model.layers = fused
+    with_fused, without = statistics.median(times["fused"]), statistics.median(times["unfused"])
+    per_round = ", ".join(f"{u / f:.2f}" for f, u in zip(times["fused"], times["unfused"]))
+    print(f"  fused layer halves: {1e3 * with_fused:.1f} ms/step against {1e3 * without:.1f} with the layers' own "
+          f"ops, median of {rounds} interleaved rounds ({without / with_fused:.2f}x; per round {per_round})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -186,6 +210,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=192, help="context length of the decode steps")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="tokens in the prefill step (128 per seq)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compare-unfused", action="store_true",
+                        help="first time each decode step with and without the fused layer halves")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -193,6 +219,11 @@ def main() -> None:
     num_seqs = max(max(args.batch), args.prefill_tokens // 128)
     runner, dims = build_runner(num_seqs * blocks_per_seq + 1, max_model_len=max(args.context, 128) + 1)
     print(f"SmolLM2-135M, {dims.num_layers} layers on one rank, {args.threads} threads, block size {BLOCK_SIZE}")
+    if args.compare_unfused:
+        for batch_size in args.batch:
+            print(f"\ndecode step: {batch_size} sequences x 1 token at context {args.context}")
+            fused_against_unfused(runner, step_batch(batch_size, 1, args.context, dims.vocab_size), args.repeats)
+    _label_compiled_loops(runner)
     for batch_size in args.batch:
         print(f"\ndecode step: {batch_size} sequences x 1 token at context {args.context}")
         batch = step_batch(batch_size, 1, args.context, dims.vocab_size)
