@@ -17,6 +17,8 @@ csrc/fused_layer.cpp; `load()` returns None where it cannot be built (hexcore/ke
 
 from __future__ import annotations
 
+from types import ModuleType
+
 from hexcore.kernels.build import CppExtension
 
 _EXTENSION = CppExtension("hexgen_cpu_fused_layer", "fused_layer.cpp", ["attention_block", "mlp_block"],
@@ -24,6 +26,6 @@ _EXTENSION = CppExtension("hexgen_cpu_fused_layer", "fused_layer.cpp", ["attenti
                           includes=("panel_linear.cpp", "elementwise.cpp", "paged_attention.cpp"))
 
 
-def load():
+def load() -> ModuleType | None:
     """The built module (attention_block, mlp_block), or None where it cannot be built."""
     return _EXTENSION.module()

@@ -6,6 +6,7 @@ layers on CPUs without bfloat16 matmul units; everywhere else, torch's own ops."
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -77,7 +78,7 @@ def elementwise_kernels(device: torch.device, dtype: torch.dtype) -> Elementwise
     return None
 
 
-def fused_layer_kernels(device: torch.device, dtype: torch.dtype):
+def fused_layer_kernels(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
     """A decoder layer's halves as one C++ call each (hexcore/kernels/fused_layer.py) on CPU in float32,
     where they build; None elsewhere: the layer's ops one by one."""
     if _has_cpu_loops(device, dtype):

@@ -11,6 +11,7 @@ D = head dim, C = hidden size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +171,7 @@ class FusedLlamaDecoderLayer(nn.Module):
     chunks take the layer's own attention). The same loops over the same weights as the layer's own
     path: only the torch ops issued from Python between them are gone."""
 
-    def __init__(self, layer: LlamaDecoderLayer, kernels):
+    def __init__(self, layer: LlamaDecoderLayer, kernels: ModuleType):  # hexcore/kernels/fused_layer.py load()
         super().__init__()
         self.layer, self.kernels = layer, kernels
         attention, mlp = layer.attention, layer.mlp
