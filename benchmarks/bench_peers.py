@@ -389,6 +389,11 @@ def format_cpu_split(results: list[Result], concurrency: int) -> str:
     return "\n".join(lines)
 
 
+def spread(values: list[float]) -> str:
+    """Ratios, one per hexgen run: "1.05 / 1.12x"."""
+    return " / ".join(f"{v:.2f}" for v in values) + "x"
+
+
 def ratios(results: list[Result], concurrency: list[int]) -> str:
     """hexgen against each peer in the same dtype, at every concurrency and batch 1: one ratio per
     hexgen run (a list of servers may run hexgen before and after its peers, to bracket the drift)."""
@@ -398,7 +403,6 @@ def ratios(results: list[Result], concurrency: list[int]) -> str:
         ours = [o for o in measured if o.server == "hexgen" and o.dtype == r.dtype]
         if r.server == "hexgen" or not ours:
             continue
-        spread = lambda values: " / ".join(f"{v:.2f}" for v in values) + "x"  # noqa: E731
         parts = [f"tok/s @{c} " + spread([o.tokens_per_second[c] / r.tokens_per_second[c] for o in ours])
                  for c in concurrency]
         parts.append("batch-1 ms/tok " + spread([o.batch1_ms_per_token / r.batch1_ms_per_token for o in ours])
